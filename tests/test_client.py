@@ -1,0 +1,630 @@
+"""ControlApiClient against a real scripted HTTP server on 127.0.0.1 (SPEC §4)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conductord import __version__
+from conductord.client import MAX_BODY_BYTES, ControlApiClient, ControlApiError
+from conductord.wire import AcquireResult, LeaseRecord, ReleaseResult, success_envelope
+from tests.support.scripted_server import Reply, ScriptedServer
+
+ACQUIRE = "/v1/leader/acquire"
+RELEASE = "/v1/leader/release"
+HEARTBEAT = "/v1/controllers/heartbeat"
+REPO = Path(__file__).resolve().parents[1]
+
+SEED_LEASE = {
+    "lease_name": "global",
+    "holder_id": "mini-main",
+    "holder_host": "mini",
+    "term": 3,
+    "lease_expires_at": 130,
+    "renewed_at": 100,
+    "preferred_holder_id": "mini-main",
+    "metadata_json": None,
+}
+SEED_DATA = {
+    "holder_id": "mini-main",
+    "holder_host": "mini",
+    "term": 3,
+    "lease_expires_at": 130,
+    "renewed_at": 100,
+    "is_leader": True,
+    "operation": "renew",
+    "lease": SEED_LEASE,
+}
+
+
+@pytest.fixture
+def server():
+    with ScriptedServer() as srv:
+        yield srv
+        assert srv.errors == []
+
+
+@pytest.fixture
+def client(server):
+    with ControlApiClient(server.url, timeout_ms=2000) as api:
+        yield api
+
+
+def ok(data) -> Reply:
+    return Reply(200, success_envelope(data, "req-1"))
+
+
+def acquire(api: ControlApiClient, **overrides):
+    args = {"controller_id": "mini-main", "host": "mini", "ttl_sec": 30, "preferred": True}
+    args.update(overrides)
+    args.setdefault("now", 100)
+    return api.acquire_leader_lease(**args)
+
+
+def heartbeat(api: ControlApiClient):
+    return api.heartbeat(
+        controller_id="mini-main",
+        host="mini",
+        role="primary",
+        priority=100,
+        status="leader",
+        version="1.2.3",
+        heartbeat_at=1700000000,
+        started_at=1699999990,
+    )
+
+
+def failure(call, *args, **kwargs) -> ControlApiError:
+    with pytest.raises(ControlApiError) as info:
+        call(*args, **kwargs)
+    return info.value
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# -- the seed's test, and the request side ----------------------------------------------------- --
+
+
+def test_seed_envelope_unwrapped_with_bearer_auth(server):
+    server.script(ACQUIRE, ok(SEED_DATA))
+    with ControlApiClient(server.url + "/", token="secret-token") as api:
+        result = api.acquire_leader_lease(
+            controller_id="mini-main", host="mini", ttl_sec=30, preferred=True, now=100
+        )
+    [request] = server.requests
+    assert (request.method, request.path) == ("POST", ACQUIRE)
+    assert request.headers["authorization"] == "Bearer secret-token"
+    assert (
+        request.body
+        == b'{"controller_id":"mini-main","host":"mini","ttl_sec":30,"preferred":true,"now":100}'
+    )
+    assert (result.holder_id, result.holder_host, result.term) == ("mini-main", "mini", 3)
+    assert (result.operation, result.is_leader) == ("renew", True)
+    assert result.lease == LeaseRecord(**SEED_LEASE)
+
+
+def test_headers_without_token(server, client):
+    server.default(HEARTBEAT, Reply(204))
+    assert heartbeat(client) is None
+    headers = server.requests[0].headers
+    assert headers["accept"] == "application/json"
+    assert headers["content-type"] == "application/json"
+    assert headers["user-agent"] == f"conductord/{__version__}"
+    assert "authorization" not in headers
+
+
+def test_custom_user_agent(server):
+    server.default(HEARTBEAT, Reply(204))
+    with ControlApiClient(server.url, user_agent="conductord/9.9 (test)") as api:
+        heartbeat(api)
+    assert server.requests[0].headers["user-agent"] == "conductord/9.9 (test)"
+
+
+def test_heartbeat_body_is_snake_case_and_omits_unset(server, client):
+    server.default(HEARTBEAT, ok({"registered": True}))
+    assert heartbeat(client) == {"registered": True}
+    assert server.requests[0].json == {
+        "controller_id": "mini-main",
+        "host": "mini",
+        "role": "primary",
+        "priority": 100,
+        "status": "leader",
+        "version": "1.2.3",
+        "heartbeat_at": 1700000000,
+        "started_at": 1699999990,
+    }
+    client.heartbeat(
+        controller_id="a",
+        host="h",
+        role="standby",
+        priority=50,
+        status="standby",
+        version=None,
+        heartbeat_at=5,
+        started_at=None,
+    )
+    assert server.requests[1].json == {
+        "controller_id": "a",
+        "host": "h",
+        "role": "standby",
+        "priority": 50,
+        "status": "standby",
+        "heartbeat_at": 5,
+    }
+
+
+def test_acquire_sends_metadata_and_defaults_now_to_wall_clock(server, client):
+    server.default(ACQUIRE, ok(SEED_DATA))
+    before = int(time.time())
+    client.acquire_leader_lease(
+        controller_id="mini-main", host="mini", ttl_sec=30, preferred=False, metadata_json="{}"
+    )
+    after = int(time.time())
+    body = server.requests[0].json
+    assert before <= body.pop("now") <= after
+    assert body == {
+        "controller_id": "mini-main",
+        "host": "mini",
+        "ttl_sec": 30,
+        "preferred": False,
+        "metadata_json": "{}",
+    }
+
+
+def test_wait_ms_zero_is_not_sent(server, client):
+    server.default(ACQUIRE, ok(SEED_DATA))
+    acquire(client, wait_ms=0)
+    assert "wait_ms" not in server.requests[0].json
+
+
+def test_release_sends_controller_and_term(server, client):
+    server.default(RELEASE, ok({"released": True, "lease": SEED_LEASE}))
+    result = client.release_leader_lease(controller_id="mini-main", term=3)
+    assert server.requests[0].json == {"controller_id": "mini-main", "term": 3}
+    assert result == ReleaseResult(released=True, supported=True, lease=LeaseRecord(**SEED_LEASE))
+
+
+# -- rule 1: 2xx ---------------------------------------------------------------------------------
+
+
+def test_rule1_error_envelope_on_2xx(server, client):
+    server.default(
+        HEARTBEAT,
+        Reply(200, {"ok": False, "request_id": "r", "error": "conflict", "message": "stale term"}),
+    )
+    err = failure(heartbeat, client)
+    assert str(err) == "Control API /v1/controllers/heartbeat: conflict: stale term"
+    assert (err.path, err.status, err.code) == (HEARTBEAT, 200, "conflict")
+
+
+def test_rule1_other_json_is_the_data(server, client):
+    server.script(HEARTBEAT, Reply(200, [1, 2]), Reply(201, {"ok": True}), Reply(200, "null"))
+    assert heartbeat(client) == [1, 2]
+    assert heartbeat(client) == {"ok": True}
+    assert heartbeat(client) is None
+
+
+@pytest.mark.parametrize("status", [200, 202, 204])
+def test_rule1_empty_body_is_no_data(server, client, status):
+    server.default(HEARTBEAT, Reply(status))
+    assert heartbeat(client) is None
+
+
+# -- rule 2: non-2xx -------------------------------------------------------------------------------
+
+
+def test_rule2_error_envelope(server, client):
+    server.default(
+        ACQUIRE,
+        Reply(
+            401, {"ok": False, "request_id": "r", "error": "unauthorized", "message": "bad token"}
+        ),
+    )
+    err = failure(acquire, client)
+    assert str(err) == "Control API 401 /v1/leader/acquire: unauthorized: bad token"
+    assert (err.status, err.code) == (401, "unauthorized")
+
+
+def test_rule2_html_error_page_cut_to_200_characters(server, client):
+    page = "<html><body>" + "Bad gateway. " * 40 + "</body></html>\n"
+    server.default(HEARTBEAT, Reply(502, page, headers={"content-type": "text/html"}))
+    err = failure(heartbeat, client)
+    assert str(err) == f"Control API 502 /v1/controllers/heartbeat: {page[:200]}"
+    assert (err.status, err.code) == (502, None)
+
+
+def test_rule2_other_json_body_is_quoted(server, client):
+    server.default(HEARTBEAT, Reply(500, {"detail": "boom"}))
+    assert str(failure(heartbeat, client)) == (
+        'Control API 500 /v1/controllers/heartbeat: {"detail": "boom"}'
+    )
+
+
+def test_rule2_empty_body_gives_reason_phrase(server, client):
+    server.script(
+        HEARTBEAT, Reply(503), Reply(418, reason="Short And Stout"), Reply(599, reason="")
+    )
+    assert str(failure(heartbeat, client)) == (
+        "Control API 503 /v1/controllers/heartbeat: Service Unavailable"
+    )
+    assert str(failure(heartbeat, client)) == (
+        "Control API 418 /v1/controllers/heartbeat: Short And Stout"
+    )
+    assert str(failure(heartbeat, client)) == "Control API 599 /v1/controllers/heartbeat: Unknown"
+
+
+def test_rule2_redirect_is_not_followed(server, client):
+    server.default(HEARTBEAT, Reply(307, headers={"location": "/elsewhere"}))
+    server.default("/elsewhere", Reply(204))
+    assert str(failure(heartbeat, client)) == (
+        "Control API 307 /v1/controllers/heartbeat: Temporary Redirect"
+    )
+    assert server.count("/elsewhere") == 0
+
+
+# -- rule 3: 2xx that is not JSON ------------------------------------------------------------------
+
+INVALID_JSON = "Control API returned invalid JSON for /v1/leader/acquire."
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "<html><body>It works!</body></html>",
+        '{"ok": true, "data": {"holder_id": "mini-ma',  # truncated, Content-Length matches
+        b'{"ok": true, "data": "\xff\xfe"}',  # not UTF-8
+        '{"ok": true, "data": NaN}',
+        "[" * 100_000 + "]" * 100_000,  # nests deeper than the parser's recursion limit
+    ],
+    ids=["html", "truncated", "not-utf8", "nan", "deep"],
+)
+def test_rule3_invalid_json(server, client, body):
+    server.default(ACQUIRE, Reply(200, body))
+    err = failure(acquire, client)
+    assert str(err) == INVALID_JSON
+    assert (err.path, err.status) == (ACQUIRE, 200)
+
+
+# -- rule 4: transport -----------------------------------------------------------------------------
+
+
+def test_rule4_connection_refused():
+    with ControlApiClient(f"http://127.0.0.1:{closed_port()}", timeout_ms=2000) as api:
+        err = failure(acquire, api)
+    assert str(err) == "Control API /v1/leader/acquire: connection failed: Connection refused"
+    assert (err.path, err.status, err.code) == (ACQUIRE, None, None)
+
+
+def test_rule4_hang_times_out_after_the_budget(server):
+    server.default(ACQUIRE, Reply(hang=True))
+    with ControlApiClient(server.url, timeout_ms=300) as api:
+        started = time.monotonic()
+        err = failure(acquire, api)
+        elapsed = time.monotonic() - started
+    assert str(err) == "Control API /v1/leader/acquire: timed out after 300 ms"
+    assert 0.25 <= elapsed < 5
+
+
+def test_rule4_trickling_server_is_cut_at_the_overall_deadline(server):
+    # Each byte arrives well within the per-read timeout; sending the whole answer would take
+    # 10+ s, so only an overall deadline ends the call near 400 ms.
+    server.default(
+        ACQUIRE, Reply(200, success_envelope(SEED_DATA, "r"), trickle=True, trickle_interval=0.05)
+    )
+    with ControlApiClient(server.url, timeout_ms=400) as api:
+        started = time.monotonic()
+        err = failure(acquire, api)
+        elapsed = time.monotonic() - started
+    assert str(err) == "Control API /v1/leader/acquire: timed out after 400 ms"
+    assert elapsed < 4
+
+
+def test_rule4_body_trickle_after_prompt_headers_is_cut_too(server):
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n"
+    server.default(
+        HEARTBEAT,
+        Reply(raw=head + b" " * 1000, trickle=True, trickle_after=len(head) + 10),
+    )
+    with ControlApiClient(server.url, timeout_ms=300) as api:
+        started = time.monotonic()
+        err = failure(heartbeat, api)
+        elapsed = time.monotonic() - started
+    assert str(err) == "Control API /v1/controllers/heartbeat: timed out after 300 ms"
+    assert elapsed < 4
+
+
+def test_rule4_connection_closed_mid_body(server, client):
+    server.default(ACQUIRE, Reply(raw=b'HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{"ok":'))
+    assert str(failure(acquire, client)) == (
+        "Control API /v1/leader/acquire: connection failed: "
+        "response cut short (6 bytes read, 94 more expected)"
+    )
+
+
+def test_rule4_connection_closed_without_response(server, client):
+    server.default(HEARTBEAT, Reply(raw=b""))
+    assert str(failure(heartbeat, client)) == (
+        "Control API /v1/controllers/heartbeat: connection failed: "
+        "Remote end closed connection without response"
+    )
+    assert server.count(HEARTBEAT) == 1  # no hidden retry
+
+
+def test_rule4_garbage_status_line(server, client):
+    server.default(HEARTBEAT, Reply(raw=b"SPDY/9 teapot\r\n\r\n"))
+    assert str(failure(heartbeat, client)) == (
+        "Control API /v1/controllers/heartbeat: connection failed: "
+        "invalid HTTP status line 'SPDY/9 teapot'"
+    )
+
+
+# -- long-poll (§12) ------------------------------------------------------------------------------
+
+
+def test_long_poll_extends_the_read_budget(server):
+    server.default(ACQUIRE, Reply(200, success_envelope(SEED_DATA, "r"), delay=0.6))
+    with ControlApiClient(server.url, timeout_ms=300) as api:
+        result = acquire(api, wait_ms=1500)
+    assert result.term == 3
+    assert server.requests[0].json["wait_ms"] == 1500
+
+
+def test_long_poll_timeout_reports_timeout_plus_wait(server):
+    server.default(ACQUIRE, Reply(hang=True))
+    with ControlApiClient(server.url, timeout_ms=200) as api:
+        started = time.monotonic()
+        err = failure(acquire, api, wait_ms=300)
+        elapsed = time.monotonic() - started
+    assert str(err) == "Control API /v1/leader/acquire: timed out after 500 ms"
+    assert 0.45 <= elapsed < 5
+
+
+# -- oversized bodies -----------------------------------------------------------------------------
+
+TOO_LARGE = f"Control API /v1/leader/acquire: response body larger than {MAX_BODY_BYTES} bytes"
+
+
+def test_body_over_the_cap_with_content_length(server, client):
+    server.default(ACQUIRE, Reply(200, b"x" * (3 * MAX_BODY_BYTES)))
+    assert str(failure(acquire, client)) == TOO_LARGE
+
+
+def test_body_over_the_cap_without_content_length(server, client):
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n"
+    server.default(ACQUIRE, Reply(raw=head + b"[" + b"1," * MAX_BODY_BYTES + b"1]"))
+    assert str(failure(acquire, client)) == TOO_LARGE
+
+
+def test_large_error_page_is_still_quoted(server, client):
+    server.default(ACQUIRE, Reply(500, "E" * (2 * MAX_BODY_BYTES)))
+    assert str(failure(acquire, client)) == f"Control API 500 /v1/leader/acquire: {'E' * 200}"
+
+
+def test_connection_recovers_after_failures(server, client):
+    server.script(ACQUIRE, Reply(200, b"x" * (2 * MAX_BODY_BYTES)), Reply(raw=b""))
+    server.default(ACQUIRE, ok(SEED_DATA))
+    failure(acquire, client)
+    failure(acquire, client)
+    assert acquire(client).term == 3
+
+
+# -- rule 5 through the client --------------------------------------------------------------------
+
+
+def test_rule5_camel_case_response(server, client):
+    server.default(
+        ACQUIRE,
+        ok(
+            {
+                "holderId": "mini-main",
+                "holderHost": "mini",
+                "term": 4,
+                "leaseExpiresAt": 131,
+                "isLeader": True,
+                "operation": "renew",
+            }
+        ),
+    )
+    result = acquire(client)
+    assert result == AcquireResult(
+        holder_id="mini-main",
+        holder_host="mini",
+        term=4,
+        lease_expires_at=131,
+        renewed_at=100,
+        is_leader=True,
+        operation="renew",
+        lease=LeaseRecord("global", "mini-main", "mini", 4, 131, 100, None, None),
+    )
+
+
+def test_rule5_defaults_for_another_holder(server, client):
+    server.default(ACQUIRE, ok({"holder_id": "mini-standby", "term": 7, "lease_expires_at": 150}))
+    result = acquire(client, now=120)
+    assert (result.holder_host, result.is_leader, result.operation, result.renewed_at) == (
+        "unknown",
+        False,
+        "acquire",
+        120,
+    )
+    assert result.lease.lease_name == "global"
+
+
+def test_rule5_non_object_and_missing_identity(server, client):
+    server.script(
+        ACQUIRE,
+        ok([SEED_DATA]),
+        ok(None),
+        Reply(204),
+        ok({"holder_id": "mini-main", "term": "3", "lease_expires_at": 1}),
+    )
+    for _ in range(3):
+        assert str(failure(acquire, client)) == (
+            "Control API /v1/leader/acquire returned a non-object payload."
+        )
+    assert str(failure(acquire, client)) == (
+        "Control API /v1/leader/acquire response is missing lease identity fields."
+    )
+
+
+# -- release --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(404),
+        Reply(404, {"ok": False, "request_id": "r", "error": "not_found", "message": "no route"}),
+        Reply(404, "<html>Not Found</html>"),
+    ],
+    ids=["empty", "envelope", "html"],
+)
+def test_release_404_means_not_supported(server, client, reply):
+    server.default(RELEASE, reply)
+    assert client.release_leader_lease(controller_id="mini-main", term=3) == ReleaseResult(
+        released=False, supported=False, lease=None
+    )
+
+
+def test_release_other_failures_raise(server, client):
+    server.default(
+        RELEASE,
+        Reply(
+            409,
+            {
+                "ok": False,
+                "request_id": "r",
+                "error": "not_holder",
+                "message": "term 3 is not yours",
+            },
+        ),
+    )
+    err = failure(client.release_leader_lease, controller_id="mini-main", term=3)
+    assert str(err) == "Control API 409 /v1/leader/release: not_holder: term 3 is not yours"
+
+
+# -- keep-alive -----------------------------------------------------------------------------------
+
+
+def test_calls_reuse_one_connection(server, client):
+    server.default(ACQUIRE, ok(SEED_DATA))
+    server.default(HEARTBEAT, Reply(500, "oops"))  # a read-to-the-end error keeps it too
+    acquire(client)
+    failure(heartbeat, client)
+    acquire(client)
+    records = server.requests
+    assert server.connections == 1
+    assert len({record.connection for record in records}) == 1
+    assert len({record.client_address for record in records}) == 1
+
+
+def test_a_timed_out_connection_is_not_reused(server):
+    server.script(ACQUIRE, Reply(hang=True))
+    server.default(ACQUIRE, ok(SEED_DATA))
+    with ControlApiClient(server.url, timeout_ms=300) as api:
+        failure(acquire, api)
+        server.release_hangs()  # its late answer must not be read as the next call's
+        assert acquire(api, now=101).term == 3
+    assert server.requests[0].connection != server.requests[1].connection
+
+
+# -- secrets --------------------------------------------------------------------------------------
+
+
+def test_token_never_in_messages_or_repr(server):
+    server.script(
+        ACQUIRE,
+        Reply(401, "rejected authorization: Bearer secret-token"),
+        Reply(
+            200,
+            {"ok": False, "request_id": "r", "error": "secret-token", "message": "secret-token"},
+        ),
+    )
+    with ControlApiClient(server.url, token="secret-token") as api:
+        first = failure(acquire, api)
+        second = failure(acquire, api)
+        text = repr(api)
+    assert str(first) == "Control API 401 /v1/leader/acquire: rejected authorization: Bearer ***"
+    assert str(second) == "Control API /v1/leader/acquire: ***: ***"
+    assert "secret-token" not in text and "has_token=True" in text
+
+
+def test_rejects_a_token_that_cannot_be_a_header():
+    with pytest.raises(ValueError) as info:
+        ControlApiClient("http://127.0.0.1:1", token="secret\ntoken")
+    assert "secret" not in str(info.value)
+
+
+def test_rejects_bad_construction_arguments():
+    with pytest.raises(ValueError):
+        ControlApiClient("ftp://127.0.0.1:1")
+    with pytest.raises(ValueError):
+        ControlApiClient("http://127.0.0.1:1", timeout_ms=0)
+
+
+# -- under gevent ---------------------------------------------------------------------------------
+
+GEVENT_SCRIPT = textwrap.dedent(
+    """
+    from gevent import monkey
+
+    monkey.patch_all()
+
+    import json, sys, time
+    import gevent
+    from conductord.client import ControlApiClient, ControlApiError
+
+    api = ControlApiClient(sys.argv[1], timeout_ms=400)
+
+    def beat():
+        started = time.monotonic()
+        try:
+            api.heartbeat(controller_id="a", host="h", role="primary", priority=1,
+                          status="standby", version="1", heartbeat_at=1, started_at=None)
+            outcome = "ok"
+        except ControlApiError as err:
+            outcome = str(err)
+        return [outcome, time.monotonic() - started]
+
+    slow = gevent.spawn(beat)
+    gevent.sleep(0.05)
+    quick = gevent.spawn(beat)
+    gevent.joinall([slow, quick])
+    print(json.dumps([slow.value, quick.value]))
+    """
+)
+
+
+def test_under_gevent_each_greenlet_keeps_its_own_deadline(server):
+    # The daemon runs the client monkey-patched, with the heartbeat and lease loops in
+    # separate greenlets: a trickling answer in one must neither outlive its budget nor
+    # delay the other.
+    server.script(
+        HEARTBEAT,
+        Reply(200, {"ok": True, "data": 1}, trickle=True, trickle_interval=0.05),
+        Reply(200, {"ok": True, "data": 2}),
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", GEVENT_SCRIPT, server.url],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    (slow, slow_s), (quick, quick_s) = json.loads(run.stdout)
+    assert slow == "Control API /v1/controllers/heartbeat: timed out after 400 ms"
+    assert slow_s < 4
+    assert quick == "ok"
+    assert quick_s < slow_s
