@@ -1,8 +1,9 @@
 """The `conductord` command line: parse, dispatch, map outcomes to exit codes.
 
-Commands: `[start]` (the default), `config`, `checklist`, `help`, `status`, `control-api`,
-plus `--version` and `-h/--help`. Every config option comes from `config.SETTINGS`, so the
-parser and `help` cannot drift apart.
+Commands: `[start]` (the default), `config`, `checklist`, `diagnose` (what
+`scripts/run_once.py` runs), `help`, `status`, `control-api`, plus `--version` and
+`-h/--help`. Every config option comes from `config.SETTINGS`, so the parser and `help`
+cannot drift apart.
 
 Exit codes: 0 ok, 1 unexpected failure, 2 usage or config error, 3 degraded / unhealthy (the
 last one is returned by the commands themselves). Errors are one line each on stderr, never a
@@ -42,7 +43,7 @@ _DELEGATED: dict[str, tuple[str, str]] = {
     "status": ("conductord.status", "main"),
     "control-api": ("conductord.control_api.server", "main"),
 }
-_COMMANDS = ("start", "config", "checklist", "help", "status", "control-api")
+_COMMANDS = ("start", "config", "checklist", "diagnose", "help", "status", "control-api")
 
 
 class HelpRequested(Exception):
@@ -128,6 +129,7 @@ def help_text() -> str:
         "usage: conductord [start] [--run-once] [--json] [options]",
         "       conductord config [--json] [options]",
         "       conductord checklist [--json]",
+        "       conductord diagnose [--json] [options]   (also: scripts/run_once.py)",
         "       conductord status [--local-api URL] [--json]",
         "       conductord control-api [--listen HOST:PORT] [--db PATH]"
         " [--shared-token T | --shared-token-file F]",
@@ -138,6 +140,8 @@ def help_text() -> str:
         "  start         run the daemon (the default command); stdout carries JSON log lines",
         "  config        print the resolved configuration (--json: as JSON); warnings on stderr",
         "  checklist     print the startup checklist (--json: as JSON)",
+        "  diagnose      run the start sequence once and report each step, the snapshot,",
+        "                the warnings and a verdict (--json: as JSON); exit 0, or 3 degraded",
         "  status        ask a running node's local status endpoint (see: status --help)",
         "  control-api   run the reference Control API server (see: control-api --help)",
         "  help          print this text",
@@ -146,7 +150,7 @@ def help_text() -> str:
         "  --run-once    run the start sequence, print the snapshot as JSON, release and stop",
         "  --json        accepted for scripts; the --run-once snapshot is always JSON",
         "",
-        "options of start and config (flag, environment variable, default);",
+        "options of start, diagnose and config (flag, environment variable, default);",
         "precedence: default < environment < flag; an empty or blank value counts as unset:",
     ]
     for setting in SETTINGS:
@@ -230,12 +234,26 @@ def _load(module_name: str, function: str, command: str) -> Callable[..., int]:
     return target
 
 
-def _cmd_start(argv: Sequence[str], env: Mapping[str, str], secrets: list[str]) -> int:
+def _node_config(
+    argv: Sequence[str], env: Mapping[str, str], secrets: list[str]
+) -> tuple[Config, argparse.Namespace]:
+    """Resolve a node's configuration and remember its token for scrubbing error lines."""
     config, namespace = parse_start_argv(argv, env)
     if config.shared_token:
         secrets.append(config.shared_token)
+    return config, namespace
+
+
+def _cmd_start(argv: Sequence[str], env: Mapping[str, str], secrets: list[str]) -> int:
+    config, namespace = _node_config(argv, env, secrets)
     run_start = _load("conductord.runtime", "run_start", "start")
     return run_start(config, run_once=namespace.run_once)
+
+
+def _cmd_diagnose(argv: Sequence[str], env: Mapping[str, str], secrets: list[str]) -> int:
+    config, namespace = _node_config(argv, env, secrets)
+    run_diagnostics = _load("conductord.diagnostics", "run_diagnostics", "diagnose")
+    return run_diagnostics(config, as_json=namespace.json)
 
 
 def _dispatch(argv: list[str], env: Mapping[str, str], secrets: list[str]) -> int:
@@ -257,6 +275,8 @@ def _dispatch(argv: list[str], env: Mapping[str, str], secrets: list[str]) -> in
             return _cmd_start(rest, env, secrets)
         if command == "config":
             return _cmd_config(rest, env, secrets)
+        if command == "diagnose":
+            return _cmd_diagnose(rest, env, secrets)
         if command == "checklist":
             return _cmd_checklist(rest)
         if command == "help":

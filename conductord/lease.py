@@ -216,9 +216,8 @@ class LeaseMachine:
         self.consecutive_heartbeat_failures += 1
         self.last_error = error
 
-    def register_failed(self, error: str) -> Transition | None:
-        """The start sequence's registration heartbeat failed (SPEC §5 step 1)."""
-        self.heartbeat_failed(error)
+    def register_failed(self) -> Transition | None:
+        """The start sequence's registration heartbeat (already counted) failed (SPEC §5)."""
         return self._move(LeaseState.DEGRADED, Reason.REGISTER_FAILED)
 
     # -- stopping --------------------------------------------------------------

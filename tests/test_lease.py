@@ -208,7 +208,8 @@ def test_heartbeat_failures_never_change_the_lease_state() -> None:
 
 def test_lease_success_keeps_a_heartbeat_error_visible() -> None:
     m = machine()
-    m.register_failed("Control API /v1/controllers/heartbeat: connection failed: refused")
+    m.heartbeat_failed("Control API /v1/controllers/heartbeat: connection failed: refused")
+    m.register_failed()
     assert m.state is LeaseState.DEGRADED
     t = m.lease_succeeded(ours(), sent_at=0.0, now=0.1)
     assert t is not None and t.to_state is LeaseState.LEADER
@@ -218,7 +219,8 @@ def test_lease_success_keeps_a_heartbeat_error_visible() -> None:
 
 def test_register_failure_degrades_with_reason() -> None:
     m = machine()
-    t = m.register_failed("nope")
+    m.heartbeat_failed("nope")
+    t = m.register_failed()
     assert t is not None and t.reason is Reason.REGISTER_FAILED
     assert t.as_fields() == {
         "from_state": "standby",

@@ -1,0 +1,98 @@
+"""`conductord diagnose` / `scripts/run_once.py`: the start sequence once, explained.
+
+Runs the same start sequence as `start --run-once` (releasing any lease it took), then reports
+each checklist step with its outcome and time, the snapshot, the warnings and a verdict, as a
+human report or one JSON document. The exit code is the lease state's (SPEC §7): 0 leader or
+standby, 3 degraded. Log lines go to stderr, and only errors unless `--log-level debug`, so the
+report stays readable.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from conductord import logs
+from conductord.config import Config
+from conductord.lease import LeaseState
+from conductord.runtime import EXIT_DEGRADED, EXIT_OK, Runtime
+
+
+def run_diagnostics(config: Config, *, as_json: bool) -> int:
+    log = logs.configure(
+        level="debug" if config.log_level == "debug" else "error",
+        stream=sys.stderr,
+        secrets=[config.shared_token] if config.shared_token else [],
+        node_id=config.node_id,
+        host=config.host,
+        role=config.role,
+    )
+    runtime = Runtime(config, log=log)
+    runtime.start(loops=False)
+    snapshot = runtime.snapshot()
+    runtime.stop()
+
+    report = build_report(runtime.steps, snapshot)
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        sys.stdout.write(format_report(report) + "\n")
+    sys.stdout.flush()
+    return report["exit_code"]
+
+
+def build_report(steps: list[dict[str, Any]], snapshot: dict[str, Any]) -> dict[str, Any]:
+    daemon = snapshot["daemon"]
+    state = daemon["lease_state"]
+    degraded = state == str(LeaseState.DEGRADED)
+    notes = []
+    if daemon["consecutive_heartbeat_failures"]:
+        notes.append("the registration heartbeat failed (the lease state does not depend on it)")
+    if degraded:
+        verdict = f"degraded: {daemon['last_error'] or 'unknown error'}"
+    elif state == str(LeaseState.LEADER):
+        verdict = f"healthy: leader of term {daemon['current_term']}"
+    else:
+        verdict = f"healthy: standby (leader {daemon['current_leader_id'] or 'none'})"
+    return {
+        "verdict": verdict,
+        "exit_code": EXIT_DEGRADED if degraded else EXIT_OK,
+        "notes": notes,
+        "steps": steps,
+        "warnings": snapshot["warnings"],
+        "snapshot": snapshot,
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    snapshot = report["snapshot"]
+    daemon = snapshot["daemon"]
+    lines = [
+        f"conductord diagnostics for {snapshot['identity']}",
+        f"control API: {snapshot['control_api']['base_url']}",
+        "",
+        "start sequence:",
+    ]
+    width = max(len(step["key"]) for step in report["steps"])
+    for number, step in enumerate(report["steps"], start=1):
+        detail = f"  {step['detail']}" if step["detail"] else ""
+        lines.append(
+            f"  {number}. {step['key']:<{width}}  {step['outcome']:<7}"
+            f" {step['duration_ms']:>8.1f} ms{detail}"
+        )
+    lines += [
+        "",
+        f"lease state:        {daemon['lease_state']}",
+        f"leader:             {daemon['current_leader_id'] or '-'}"
+        f" (term {daemon['current_term'] if daemon['current_term'] is not None else '-'})",
+        f"heartbeat failures: {daemon['consecutive_heartbeat_failures']}",
+        f"renew failures:     {daemon['consecutive_renew_failures']}",
+        f"last error:         {daemon['last_error'] or '-'}",
+    ]
+    if report["warnings"]:
+        lines += ["", "warnings:"] + [f"  - {w}" for w in report["warnings"]]
+    if report["notes"]:
+        lines += ["", "notes:"] + [f"  - {n}" for n in report["notes"]]
+    lines += ["", f"verdict: {report['verdict']} (exit {report['exit_code']})"]
+    return "\n".join(lines)

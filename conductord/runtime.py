@@ -1,0 +1,540 @@
+"""The daemon: the start sequence, the heartbeat and lease loops, signals and shutdown.
+
+Design (SPEC §5, §8):
+- The lease decisions live in `lease.LeaseMachine` (pure); this module feeds it events with
+  the monotonic time and logs what changed.
+- Each loop is a greenlet in one group. An iteration is a method; the loop only paces it
+  (start-to-start, ±10 % jitter, waiting on the stop Event so stop is prompt). Every call is
+  bounded by the request timeout, so a hung call in one loop never delays the other.
+- A leader's local deadline is enforced twice: `scheduler_enabled` compares against it on
+  every read, and a timer greenlet moves the state to `degraded` when it passes even while
+  the renewal call is still hanging.
+- A loop that raises is a bug: `link_exception` logs `conductor.crashed` and stops the daemon
+  (exit 1) rather than leaving a node that looks alive but no longer renews.
+- Stop: scheduler off first, loops stopped, the lease released when held (404 tolerated), all
+  within request timeout + 1 s. The signal handler only sets an Event.
+
+Limits: hooks (`load_runs`, `reconcile_runs`, `on_lease_state_change`) run in the calling
+greenlet and must not block for long.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+from gevent.event import Event
+from gevent.pool import Group
+
+from conductord import logs
+from conductord.client import ControlApiClient, ControlApiError
+from conductord.config import Config, config_warnings
+from conductord.lease import (
+    STARTUP_CHECKLIST,
+    LeaseMachine,
+    LeaseState,
+    Transition,
+    default_margin_s,
+    startup_checklist,
+)
+from conductord.status import StatusServer, StatusServerError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_DEGRADED = 3
+
+JITTER = 0.10
+# How long stop lets an in-flight lease call finish before killing it, so that a renewal
+# the server has not yet processed cannot re-take the lease after our release.
+INFLIGHT_GRACE_S = 0.5
+# While failures repeat, remind at most this often (the first failure is always logged).
+FAILURE_REMINDER_S = 60.0
+
+
+@dataclass(frozen=True)
+class SchedulerContext:
+    controller_id: str
+    host: str
+    term: int
+
+
+class _FailureStreak:
+    """Log the first failure of a streak and its recovery, not every repeat."""
+
+    def __init__(
+        self,
+        log: Any,
+        failed_event: str,
+        recovered_event: str,
+        clock: Callable[[], float],
+        remind_after_s: float | None = None,
+    ) -> None:
+        self._log = log
+        self._failed_event = failed_event
+        self._recovered_event = recovered_event
+        self._clock = clock
+        self._remind_after_s = remind_after_s
+        self._count = 0
+        self._last_logged = 0.0
+
+    def failed(self, error: str) -> None:
+        self._count += 1
+        now = self._clock()
+        remind = (
+            self._remind_after_s is not None and now - self._last_logged >= self._remind_after_s
+        )
+        if self._count == 1 or remind:
+            self._last_logged = now
+            self._log.warning(self._failed_event, error=error, consecutive_failures=self._count)
+        else:
+            self._log.debug(self._failed_event, error=error, consecutive_failures=self._count)
+
+    def succeeded(self) -> None:
+        if self._count:
+            self._log.info(self._recovered_event, failed_attempts=self._count)
+        self._count = 0
+
+
+def count_runs(runs_dir: str | None) -> str:
+    """Default `load-runs` hook: count the entries of `runs_dir`."""
+    if not runs_dir:
+        return "runs_dir not configured"
+    try:
+        return f"{len(os.listdir(runs_dir))} entries in {runs_dir}"
+    except FileNotFoundError:
+        return f"{runs_dir} does not exist"
+
+
+class Runtime:
+    """One conductor node: owns the client, the lease machine and the loops."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        client: ControlApiClient | None = None,
+        log: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        load_runs: Callable[[], str | None] | None = None,
+        reconcile_runs: Callable[[], str | None] | None = None,
+    ) -> None:
+        self.config = config
+        self.client = client or ControlApiClient(
+            config.control_api_base,
+            token=config.shared_token,
+            timeout_ms=config.request_timeout_ms,
+        )
+        self.log = log or logs.get_logger()
+        self.clock = clock
+        self.wall = wall
+        self.machine = LeaseMachine(
+            node_id=config.node_id,
+            lease_ttl_sec=config.lease_ttl_sec,
+            renew_failure_threshold=config.renew_failure_threshold,
+            margin_s=default_margin_s(config.lease_renew_interval_ms, config.lease_ttl_sec),
+        )
+        self.warnings = config_warnings(config)
+        self.started_at = wall()
+        self.steps: list[dict[str, Any]] = []
+        self.crashed: BaseException | None = None
+
+        self._load_runs = load_runs or (lambda: count_runs(config.paths.runs_dir))
+        self._reconcile_runs = reconcile_runs or (lambda: None)
+        self._state_hooks: list[Callable[[dict[str, Any]], None]] = []
+        self._rng = random.Random()
+        self._group = Group()
+        self._loops: dict[str, gevent.Greenlet] = {}
+        self._deadline_timer: gevent.Greenlet | None = None
+        self._stop_requested = Event()
+        self._started = False
+        self._stopped = False
+
+        # Read by the status endpoint (SPEC §8): loop progress and totals for /metrics.
+        self.loop_progress: dict[str, float | None] = {"heartbeat": None, "lease": None}
+        self.transitions_total: Counter[tuple[str, str]] = Counter()
+        self.renew_failures_total = 0
+        self.heartbeat_failures_total = 0
+        self.last_renew_at: float | None = None  # wall time of the last successful lease call
+
+        self._heartbeat_streak = _FailureStreak(
+            self.log, "heartbeat.failed", "heartbeat.recovered", clock
+        )
+        self._renew_streak = _FailureStreak(
+            self.log, "lease.renew_failed", "lease.renew_recovered", clock, FAILURE_REMINDER_S
+        )
+
+    # -- public API ------------------------------------------------------------
+
+    def on_lease_state_change(self, hook: Callable[[dict[str, Any]], None]) -> None:
+        """Register `hook(snapshot)`, called after every lease state change."""
+        self._state_hooks.append(hook)
+
+    def run_scheduler_pass(self, work: Callable[[SchedulerContext], Any]) -> str:
+        """Run `work` only while this node may schedule; the term is its fencing token."""
+        if not self.machine.scheduler_enabled(self.clock()):
+            return "skipped_not_leader"
+        assert self.machine.current_term is not None
+        work(
+            SchedulerContext(
+                controller_id=self.config.node_id,
+                host=self.config.host,
+                term=self.machine.current_term,
+            )
+        )
+        return "scheduled"
+
+    @property
+    def stop_requested(self) -> Event:
+        return self._stop_requested
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    def snapshot(self) -> dict[str, Any]:
+        """The runtime snapshot of SPEC §6."""
+        cfg = self.config
+        return {
+            "identity": f"{cfg.node_id}@{cfg.host}({cfg.role})",
+            "daemon": {
+                "node_id": cfg.node_id,
+                "host": cfg.host,
+                "role": cfg.role,
+                **self.machine.status(self.clock()),
+            },
+            "loops": {name: self._loop_alive(name) for name in ("heartbeat", "lease")},
+            "paths": dataclasses.asdict(cfg.paths),
+            "control_api": {
+                "base_url": cfg.control_api_base,
+                "local_api_base": cfg.local_api_base,
+                "has_shared_token": cfg.has_shared_token,
+                "uses_placeholder_token": cfg.uses_placeholder_token,
+            },
+            "runtime": {
+                "pid": os.getpid(),
+                "started": self._started,
+                "started_at": int(self.started_at),
+            },
+            "startup_checklist": startup_checklist(),
+            "warnings": list(self.warnings),
+        }
+
+    def start(self, *, loops: bool = True) -> dict[str, Any]:
+        """Run the start sequence (SPEC §5) once; idempotent."""
+        if self._started or self._stopped:
+            return self.snapshot()
+        steps = dict(STARTUP_CHECKLIST)
+
+        def step(key: str, action: Callable[[], tuple[str, str | None]]) -> None:
+            began = self.clock()
+            outcome, detail = action()
+            self.steps.append(
+                {
+                    "key": key,
+                    "description": steps[key],
+                    "outcome": outcome,
+                    "detail": detail,
+                    "duration_ms": round((self.clock() - began) * 1000, 1),
+                }
+            )
+
+        step("register-controller", self._register)
+        step("acquire-lease", self._first_lease_cycle)
+        step("load-runs", lambda: ("ok", self._load_runs()))
+        step("reconcile-runs", lambda: ("ok", self._reconcile_runs()))
+        step("start-heartbeat-loop", lambda: self._start_loops() if loops else ("skipped", None))
+        step("start-scheduler", self._scheduler_step)
+        self._started = True
+        return self.snapshot()
+
+    def stop(self) -> dict[str, Any]:
+        """Stop loops, release a held lease, log the way out; idempotent."""
+        if self._stopped:
+            return self.snapshot()
+        self._stopped = True
+        began = self.clock()
+        self.machine.begin_stop()
+        self.log.info("conductor.stopping", snapshot=self.snapshot())
+        self._stop_requested.set()
+
+        live = [g for g in self._loops.values() if not g.dead]
+        gevent.joinall(live, timeout=INFLIGHT_GRACE_S)
+        self._group.kill(block=True, timeout=1.0)
+        if self._deadline_timer is not None:
+            self._deadline_timer.kill(block=False)
+
+        released: dict[str, Any] | None = None
+        term = self.machine.held_term
+        if term is not None:
+            budget = self.config.request_timeout_ms / 1000.0 + 1.0 - (self.clock() - began) - 0.1
+            released = self._release(term, max(budget, 0.1))
+        self._apply(self.machine.stopped())
+        if released is not None:
+            self.log.info("lease.released", term=term, **released)
+        self._started = False
+        self.client.close()
+        self.log.info("conductor.stopped", snapshot=self.snapshot())
+        return self.snapshot()
+
+    # -- start sequence steps --------------------------------------------------
+
+    def _register(self) -> tuple[str, str | None]:
+        error = self._heartbeat_once()
+        if error is None:
+            return "ok", None
+        self._apply(self.machine.register_failed())
+        return "failed", error
+
+    def _first_lease_cycle(self) -> tuple[str, str | None]:
+        error = self._lease_cycle(wait=False)
+        if error is not None:
+            return "failed", error
+        m = self.machine
+        return "ok", f"{m.state} (leader {m.current_leader_id}, term {m.current_term})"
+
+    def _start_loops(self) -> tuple[str, str | None]:
+        cfg = self.config
+        self._spawn_loop("heartbeat", cfg.heartbeat_interval_ms, self._heartbeat_once)
+        self._spawn_loop("lease", cfg.lease_renew_interval_ms, self._lease_iteration)
+        return "ok", None
+
+    def _scheduler_step(self) -> tuple[str, str | None]:
+        if self.machine.scheduler_enabled(self.clock()):
+            return "ok", f"leader of term {self.machine.current_term}: scheduler enabled"
+        return "ok", f"{self.machine.state}: scheduler refused"
+
+    # -- loop iterations -------------------------------------------------------
+
+    def _heartbeat_once(self) -> str | None:
+        """Send one heartbeat; returns the error text on failure."""
+        cfg = self.config
+        try:
+            self.client.heartbeat(
+                controller_id=cfg.node_id,
+                host=cfg.host,
+                role=cfg.role,
+                priority=cfg.priority,
+                status=str(self.machine.state),
+                version=cfg.controller_version,
+                heartbeat_at=int(self.wall()),
+                started_at=int(self.started_at),
+            )
+        except ControlApiError as exc:
+            error = str(exc)
+            self.heartbeat_failures_total += 1
+            self.machine.heartbeat_failed(error)
+            self._heartbeat_streak.failed(error)
+            return error
+        self.machine.heartbeat_succeeded(wall_time=self.wall())
+        self._heartbeat_streak.succeeded()
+        return None
+
+    def _lease_iteration(self) -> None:
+        self._lease_cycle(wait=True)
+
+    def _lease_cycle(self, *, wait: bool) -> str | None:
+        """One acquire/renew call; returns the error text on failure."""
+        cfg = self.config
+        m = self.machine
+        # A standby may long-poll (SPEC §12); a leader, or a node renewing a grant it could
+        # not use, never waits.
+        long_poll = wait and m.state is not LeaseState.LEADER and not m.needs_prompt_renew()
+        sent_at = self.clock()
+        try:
+            result = self.client.acquire_leader_lease(
+                controller_id=cfg.node_id,
+                host=cfg.host,
+                ttl_sec=cfg.lease_ttl_sec,
+                preferred=cfg.preferred,
+                now=int(self.wall()),
+                wait_ms=cfg.lease_renew_interval_ms if long_poll else None,
+            )
+        except ControlApiError as exc:
+            error = str(exc)
+            self.renew_failures_total += 1
+            self._renew_streak.failed(error)
+            self._apply(m.lease_failed(error, now=self.clock()))
+            return error
+        self._renew_streak.succeeded()
+        self.last_renew_at = self.wall()
+        self._apply(m.lease_succeeded(result, sent_at=sent_at, now=self.clock()))
+        self._arm_deadline()
+        return None
+
+    # -- machinery -------------------------------------------------------------
+
+    def _spawn_loop(self, name: str, interval_ms: int, iteration: Callable[[], Any]) -> None:
+        self.loop_progress[name] = self.clock()
+        greenlet = self._group.spawn(self._run_loop, name, interval_ms / 1000.0, iteration)
+        greenlet.link_exception(self._on_loop_crash)
+        self._loops[name] = greenlet
+
+    def _run_loop(self, name: str, interval_s: float, iteration: Callable[[], Any]) -> None:
+        # The first iteration of each loop already ran in the start sequence.
+        began = self.clock()
+        while True:
+            delay = interval_s * self._rng.uniform(1 - JITTER, 1 + JITTER)
+            remaining = delay - (self.clock() - began)
+            prompt = name == "lease" and self.machine.needs_prompt_renew()
+            if remaining > 0 and not prompt:
+                if self._stop_requested.wait(remaining):
+                    return
+            elif self._stop_requested.is_set():
+                return
+            began = self.clock()
+            iteration()
+            self.loop_progress[name] = self.clock()
+
+    def _loop_alive(self, name: str) -> bool:
+        greenlet = self._loops.get(name)
+        return greenlet is not None and not greenlet.dead
+
+    def _on_loop_crash(self, greenlet: gevent.Greenlet) -> None:
+        exc = greenlet.exception
+        self.crashed = exc
+        self.log.error(
+            "conductor.crashed",
+            error=f"{type(exc).__name__}: {exc}",
+            snapshot=self.snapshot(),
+        )
+        self._stop_requested.set()
+
+    def _arm_deadline(self) -> None:
+        if self._deadline_timer is not None:
+            self._deadline_timer.kill(block=False)
+            self._deadline_timer = None
+        valid_until = self.machine.valid_until
+        if valid_until is not None and not self._stopped:
+            delay = max(valid_until - self.clock(), 0.0)
+            self._deadline_timer = gevent.spawn_later(delay, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        self._apply(self.machine.tick(self.clock()))
+
+    def _apply(self, transition: Transition | None) -> None:
+        if transition is None:
+            return
+        self.transitions_total[(str(transition.from_state), str(transition.to_state))] += 1
+        snapshot = self.snapshot()
+        level = "warning" if transition.to_state is LeaseState.DEGRADED else "info"
+        getattr(self.log, level)(
+            "lease.transition",
+            **transition.as_fields(),
+            last_error=self.machine.last_error,
+            snapshot=snapshot,
+        )
+        for hook in self._state_hooks:
+            try:
+                hook(snapshot)
+            except Exception as exc:
+                self.log.error(
+                    "hook.failed", hook=getattr(hook, "__name__", repr(hook)), error=str(exc)
+                )
+
+    def _release(self, term: int, budget_s: float) -> dict[str, Any]:
+        try:
+            with gevent.Timeout(
+                budget_s,
+                ControlApiError(
+                    f"Control API /v1/leader/release: timed out after {int(budget_s * 1000)} ms",
+                    path="/v1/leader/release",
+                ),
+            ):
+                result = self.client.release_leader_lease(
+                    controller_id=self.config.node_id, term=term
+                )
+        except ControlApiError as exc:
+            return {"released": False, "supported": None, "error": str(exc)}
+        return {"released": result.released, "supported": result.supported}
+
+
+def install_signal_handlers(runtime: Runtime) -> None:
+    """First SIGTERM/SIGINT: stop gracefully. A second one: exit at once."""
+
+    def handle(signum: int) -> None:
+        if runtime.stop_requested.is_set():
+            runtime.log.warning("conductor.aborted", signal=signal.Signals(signum).name)
+            os._exit(EXIT_FAILURE)
+        runtime.log.info("conductor.signal", signal=signal.Signals(signum).name)
+        runtime.request_stop()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, handle, signum)
+
+
+def run_start(config: Config, *, run_once: bool) -> int:
+    """The `start` command. Returns the process exit code (SPEC §7)."""
+    # With --run-once, stdout carries the snapshot document alone.
+    log = logs.configure(
+        level=config.log_level,
+        stream=sys.stderr if run_once else sys.stdout,
+        secrets=[config.shared_token] if config.shared_token else [],
+        node_id=config.node_id,
+        host=config.host,
+        role=config.role,
+    )
+    runtime = Runtime(config, log=log)
+    install_signal_handlers(runtime)
+    try:
+        return _run(runtime, run_once=run_once)
+    except Exception as exc:  # a bug, not an operator error: say so in one line and exit 1
+        log.error("conductor.crashed", error=f"{type(exc).__name__}: {exc}")
+        return EXIT_FAILURE
+
+
+def _run(runtime: Runtime, *, run_once: bool) -> int:
+    log = runtime.log
+    for warning in runtime.warnings:
+        log.warning("config.warning", message=warning)
+    # Bound before the start sequence so a taken port fails fast; not for --run-once, whose
+    # short life would only collide with a daemon already serving the same port.
+    status_server = None
+    if runtime.config.local_api_base is not None and not run_once:
+        status_server = StatusServer(runtime, runtime.config.local_api_base)
+        try:
+            status_server.start()
+        except StatusServerError as err:
+            sys.stderr.write(f"conductord: error: {err}\n")
+            return EXIT_USAGE
+    try:
+        return _serve(runtime, run_once=run_once)
+    finally:
+        if status_server is not None:
+            status_server.stop()
+
+
+def _serve(runtime: Runtime, *, run_once: bool) -> int:
+    log = runtime.log
+    log.info("conductor.starting", snapshot=runtime.snapshot())
+
+    starter = gevent.spawn(runtime.start, loops=not run_once)
+    gevent.wait([starter, runtime.stop_requested], count=1)
+    if not starter.dead:  # a signal arrived during the start sequence
+        starter.kill(block=True, timeout=1.0)
+    elif starter.exception is not None:
+        raise starter.exception
+    else:
+        log.info("conductor.started", snapshot=runtime.snapshot())
+
+    if run_once:
+        document = runtime.snapshot()
+        runtime.stop()
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        sys.stdout.flush()
+        degraded = document["daemon"]["lease_state"] == str(LeaseState.DEGRADED)
+        return EXIT_DEGRADED if degraded else EXIT_OK
+
+    runtime.stop_requested.wait()
+    runtime.stop()
+    return EXIT_FAILURE if runtime.crashed is not None else EXIT_OK
