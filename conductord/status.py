@@ -1,0 +1,563 @@
+"""The local status endpoint of a running node, its Prometheus metrics, and `conductord status`.
+
+Endpoint (SPEC §8), served by gevent.pywsgi inside the daemon on `local_api_base`:
+- `GET /healthz`: 200 while both loops make progress; 503 once a loop has not finished a cycle
+  for longer than its worst-case cycle gap (see `progress_limits`), or while the loops are not
+  running (not started yet, stopping, crashed). A wedged renewal must not look healthy to
+  launchd, supervisord or a probe.
+- `GET /readyz`: 200 when leader or standby, 503 when degraded.
+- `GET /v1/status`: the runtime snapshot (SPEC §6).
+- `GET /metrics`: Prometheus text (OpenMetrics when the scraper asks for it).
+Other paths 404, other methods 405 (with `allow`), all as small compact JSON bodies. HEAD is
+answered like GET without a body.
+
+Design: the app only reads the runtime, at request time; nothing is pushed on the hot path. The
+metrics come from a custom collector on a private registry that reads the runtime's counters
+when scraped, so there is no global registry and no per-event bookkeeping here. Accepted
+sockets get TCP_NODELAY (pywsgi writes headers and body in separate sends; with Nagle a
+keep-alive client would wait ~40 ms per answer) and an idle timeout, so abandoned keep-alive
+connections do not pin a greenlet forever. Requests are not logged at info.
+
+Limits: loopback only (the config refuses anything else), no auth, no TLS. The app runs in the
+daemon's hub: a handler must never block. Connections are not capped; a local client that opens
+thousands of idle connections costs a greenlet each until the idle timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from gevent.pywsgi import WSGIServer
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from conductord import __version__
+from conductord.argparsing import ArgumentParser, UsageError, fail
+from conductord.lease import LeaseState
+
+__all__ = [
+    "STATUS_TIMEOUT_S",
+    "RuntimeCollector",
+    "StatusFetchError",
+    "StatusServer",
+    "StatusServerError",
+    "fetch_status",
+    "health",
+    "main",
+    "make_app",
+    "progress_limits",
+    "summary_line",
+]
+
+# The loops pace with ±10 % jitter (runtime.JITTER); a cycle may start that much later.
+_LOOP_JITTER = 0.10
+# Slack on top of the worst-case cycle gap (SPEC §8: interval + request timeout + 1 s).
+_HEALTH_SLACK_S = 1.0
+# Idle keep-alive connections are closed after this; longer than common scrape intervals.
+_IDLE_TIMEOUT_S = 60.0
+# How long stop() lets in-flight answers finish; every handler answers from memory.
+_STOP_GRACE_S = 0.25
+# `conductord status`: one short GET.
+STATUS_TIMEOUT_S = 2.0
+
+_JSON = "application/json"
+_ALLOW = "GET, HEAD"
+_LOCAL_API_LABEL = "--local-api / BAA_CONDUCTOR_LOCAL_API"
+
+
+# ---------------------------------------------------------------------------------------------
+# Health
+
+
+def progress_limits(config: Any, lease_state: LeaseState | str) -> dict[str, float]:
+    """Seconds each loop may go without finishing a cycle before /healthz reports 503.
+
+    A cycle ends at most one jittered interval plus one call after the previous one ended (the
+    client caps each call at the request timeout). A non-leader's lease call may long-poll for
+    `wait_ms` = the renew interval more (SPEC §12).
+    """
+    timeout_s = config.request_timeout_ms / 1000.0
+
+    def limit(interval_ms: int) -> float:
+        return interval_ms / 1000.0 * (1 + _LOOP_JITTER) + timeout_s + _HEALTH_SLACK_S
+
+    lease = limit(config.lease_renew_interval_ms)
+    if str(lease_state) != LeaseState.LEADER:
+        lease += config.lease_renew_interval_ms / 1000.0
+    return {"heartbeat": limit(config.heartbeat_interval_ms), "lease": lease}
+
+
+def health(runtime: Any) -> tuple[bool, dict[str, Any]]:
+    """(healthy, body) of /healthz, read from the runtime at call time."""
+    now = runtime.clock()
+    state = runtime.machine.state
+    limits = progress_limits(runtime.config, state)
+    reasons: list[str] = []
+    if runtime.stop_requested.is_set():
+        reasons.append("the daemon is stopping")
+    loops: dict[str, dict[str, float | None]] = {}
+    for name, limit in limits.items():
+        progress = runtime.loop_progress.get(name)
+        age = None if progress is None else round(max(now - progress, 0.0), 3)
+        loops[name] = {"seconds_since_progress": age, "limit_seconds": round(limit, 3)}
+        if age is None:
+            reasons.append(f"the {name} loop is not running")
+        elif age > limit:
+            reasons.append(
+                f"the {name} loop has not finished a cycle for {age:.1f} s (limit {limit:.1f} s)"
+            )
+    body: dict[str, Any] = {"status": "unhealthy" if reasons else "ok"}
+    if reasons:
+        body["reason"] = "; ".join(reasons)
+    body["lease_state"] = str(state)
+    body["loops"] = loops
+    return not reasons, body
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+class RuntimeCollector(Collector):
+    """Builds every `conductord_*` metric from the runtime's state when scraped."""
+
+    def __init__(self, runtime: Any) -> None:
+        self._runtime = runtime
+
+    def collect(self) -> Iterable[Metric]:
+        rt = self._runtime
+        machine = rt.machine
+        now = rt.clock()
+        state = machine.state
+
+        info = GaugeMetricFamily(
+            "conductord_build_info", "conductord build; the value is always 1", labels=["version"]
+        )
+        info.add_metric([__version__], 1)
+        yield info
+
+        states = GaugeMetricFamily(
+            "conductord_lease_state",
+            "1 for the node's current lease state, 0 for the others",
+            labels=["state"],
+        )
+        for candidate in LeaseState:
+            states.add_metric([str(candidate)], 1 if state is candidate else 0)
+        yield states
+
+        yield _gauge(
+            "conductord_lease_term",
+            "current lease term (fencing token) as last reported by the Control API",
+            machine.current_term,
+        )
+        yield _gauge(
+            "conductord_is_leader", "1 while this node is the leader", state is LeaseState.LEADER
+        )
+        yield _gauge(
+            "conductord_scheduler_enabled",
+            "1 while this node may schedule (leader and within its local lease deadline)",
+            machine.scheduler_enabled(now),
+        )
+        yield _gauge(
+            "conductord_lease_expires_timestamp_seconds",
+            "lease expiry as reported by the Control API (unix time, server clock)",
+            machine.lease_expires_at,
+        )
+        yield _gauge(
+            "conductord_last_heartbeat_timestamp_seconds",
+            "unix time of the last successful heartbeat",
+            machine.last_heartbeat_at,
+        )
+        yield _gauge(
+            "conductord_last_renew_timestamp_seconds",
+            "unix time of the last successful acquire/renew call",
+            rt.last_renew_at,
+        )
+
+        ages = GaugeMetricFamily(
+            "conductord_loop_progress_age_seconds",
+            "seconds since the loop last finished a cycle (what /healthz judges)",
+            labels=["loop"],
+        )
+        for name, progress in sorted(rt.loop_progress.items()):
+            if progress is not None:
+                ages.add_metric([name], max(now - progress, 0.0))
+        yield ages
+
+        yield CounterMetricFamily(
+            "conductord_lease_renew_failures",
+            "failed acquire/renew calls",
+            value=rt.renew_failures_total,
+        )
+        yield CounterMetricFamily(
+            "conductord_heartbeat_failures",
+            "failed heartbeat calls",
+            value=rt.heartbeat_failures_total,
+        )
+        transitions = CounterMetricFamily(
+            "conductord_lease_transitions",
+            "lease state transitions by from/to state",
+            labels=["from_state", "to_state"],
+        )
+        for (from_state, to_state), count in sorted(rt.transitions_total.items()):
+            transitions.add_metric([from_state, to_state], count)
+        yield transitions
+
+
+def _gauge(name: str, documentation: str, value: float | bool | None) -> GaugeMetricFamily:
+    """A single-sample gauge; an unknown value yields the family with no sample."""
+    family = GaugeMetricFamily(name, documentation)
+    if value is not None:
+        family.add_metric([], float(value))
+    return family
+
+
+# ---------------------------------------------------------------------------------------------
+# WSGI app
+
+StartResponse = Callable[..., Any]
+WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+
+def _json_bytes(document: Any) -> bytes:
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+class _App:
+    """The status endpoint's routes over one runtime."""
+
+    def __init__(self, runtime: Any) -> None:
+        self._runtime = runtime
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(RuntimeCollector(runtime))
+        self._routes: dict[str, Callable[[dict[str, Any]], tuple[int, str, bytes]]] = {
+            "/healthz": self._healthz,
+            "/readyz": self._readyz,
+            "/v1/status": self._status,
+            "/metrics": self._metrics,
+        }
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        route = self._routes.get(environ.get("PATH_INFO") or "/")
+        extra: list[tuple[str, str]] = []
+        if route is None:
+            code, ctype, body = _error(404, "not_found", "no such path; see /v1/status")
+        elif method not in ("GET", "HEAD"):
+            code, ctype, body = _error(405, "method_not_allowed", "only GET and HEAD")
+            extra.append(("Allow", _ALLOW))
+        else:
+            try:
+                code, ctype, body = route(environ)
+            except Exception as exc:  # a bug here must not take the daemon's hub down
+                self._runtime.log.error(
+                    "status_api.error",
+                    path=environ.get("PATH_INFO"),
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                code, ctype, body = _error(500, "internal_error", "see the daemon's log")
+        headers = [
+            ("Content-Type", ctype),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+            *extra,
+        ]
+        start_response(_STATUS_LINES[code], headers)
+        return [] if method == "HEAD" else [body]
+
+    def _healthz(self, environ: dict[str, Any]) -> tuple[int, str, bytes]:
+        ok, body = health(self._runtime)
+        return (200 if ok else 503), _JSON, _json_bytes(body)
+
+    def _readyz(self, environ: dict[str, Any]) -> tuple[int, str, bytes]:
+        machine = self._runtime.machine
+        degraded = machine.state is LeaseState.DEGRADED
+        body: dict[str, Any] = {
+            "status": "degraded" if degraded else "ready",
+            "lease_state": str(machine.state),
+        }
+        if degraded:
+            body["last_error"] = machine.last_error
+        return (503 if degraded else 200), _JSON, _json_bytes(body)
+
+    def _status(self, environ: dict[str, Any]) -> tuple[int, str, bytes]:
+        return 200, _JSON, _json_bytes(self._runtime.snapshot())
+
+    def _metrics(self, environ: dict[str, Any]) -> tuple[int, str, bytes]:
+        encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
+        return 200, content_type, encoder(self._registry)
+
+
+_STATUS_LINES = {
+    200: "200 OK",
+    404: "404 Not Found",
+    405: "405 Method Not Allowed",
+    500: "500 Internal Server Error",
+    503: "503 Service Unavailable",
+}
+
+
+def _error(code: int, error: str, message: str) -> tuple[int, str, bytes]:
+    return code, _JSON, _json_bytes({"error": error, "message": message})
+
+
+def make_app(runtime: Any) -> WsgiApp:
+    """The WSGI app of the status endpoint, reading `runtime` at request time.
+
+    `runtime` needs: `snapshot()`, `config`, `machine`, `clock()`, `loop_progress`,
+    `stop_requested` (an Event), `transitions_total`, `renew_failures_total`,
+    `heartbeat_failures_total`, `last_renew_at` and `log`.
+    """
+    return _App(runtime)
+
+
+# ---------------------------------------------------------------------------------------------
+# Server
+
+
+class StatusServerError(Exception):
+    """The status endpoint could not start; `str()` is one line naming the address."""
+
+
+class _ErrorLog:
+    """pywsgi's error stream (malformed requests) as debug log events, not stderr."""
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+
+    def write(self, message: str) -> None:
+        message = message.strip()
+        if message:
+            self._log.debug("status_api.client_error", message=message)
+
+    def flush(self) -> None:
+        pass
+
+
+class _WSGIServer(WSGIServer):
+    def handle(self, sock: Any, address: Any) -> None:
+        # Only fails on a non-TCP socket (never expected); answers would merely be slower.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(_IDLE_TIMEOUT_S)
+        super().handle(sock, address)
+
+
+class StatusServer:
+    """The status endpoint on `base_url` (`http://HOST:PORT`; port 0 picks a free one)."""
+
+    def __init__(self, runtime: Any, base_url: str) -> None:
+        self._runtime = runtime
+        parts = urlsplit(base_url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if parts.scheme != "http" or not parts.hostname or port is None:
+            raise StatusServerError(f"status endpoint URL must be http://HOST:PORT: {base_url}")
+        self._host: str = parts.hostname
+        self._port: int = port
+        self._server: _WSGIServer | None = None
+
+    @property
+    def url(self) -> str:
+        """The base URL clients use; after `start()` it carries the bound port."""
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self._port}"
+
+    def start(self) -> None:
+        """Bind and serve in the background (in the current hub); idempotent."""
+        if self._server is not None:
+            return
+        server = _WSGIServer(
+            (self._host, self._port),
+            make_app(self._runtime),
+            log=None,
+            error_log=_ErrorLog(self._runtime.log),
+        )
+        try:
+            server.start()
+        except OSError as err:
+            server.close()
+            # gevent appends the address to strerror; the message names it once already.
+            reason = os.strerror(err.errno) if err.errno else str(err) or type(err).__name__
+            raise StatusServerError(
+                f"cannot serve the status endpoint on {self.url} ({_LOCAL_API_LABEL}): {reason}"
+            ) from None
+        self._port = server.server_port
+        self._server = server
+        self._runtime.log.info("status_api.listening", url=self.url)
+
+    def stop(self) -> None:
+        """Stop accepting, let in-flight answers finish briefly, close the rest; idempotent."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.stop(timeout=_STOP_GRACE_S)
+
+
+# ---------------------------------------------------------------------------------------------
+# `conductord status`
+
+
+class StatusFetchError(Exception):
+    """`/v1/status` could not be read; `str()` is one line, `.unreachable` tells which kind."""
+
+    def __init__(self, message: str, *, unreachable: bool) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
+
+
+def _transport_reason(exc: BaseException) -> str:
+    """The innermost useful cause of a requests failure ("Connection refused"), not the
+    urllib3 pool repr around it."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            return current.strerror
+        stack.extend(a for a in getattr(current, "args", ()) if isinstance(a, BaseException))
+        for nested in (getattr(current, "reason", None), current.__cause__, current.__context__):
+            if isinstance(nested, BaseException):
+                stack.append(nested)
+    return type(exc).__name__
+
+
+def fetch_status(base_url: str, *, timeout_s: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
+    """GET `{base_url}/v1/status` and return the snapshot; raises `StatusFetchError`."""
+    url = f"{base_url}/v1/status"
+    try:
+        with requests.Session() as session:
+            # The endpoint is on this machine: no HTTP(S)_PROXY, no .netrc credentials.
+            session.trust_env = False
+            response = session.get(
+                url, timeout=timeout_s, allow_redirects=False, headers={"accept": _JSON}
+            )
+    except requests.Timeout:
+        raise StatusFetchError(
+            f"cannot reach {base_url}: timed out after {int(timeout_s * 1000)} ms",
+            unreachable=True,
+        ) from None
+    except requests.RequestException as exc:
+        raise StatusFetchError(
+            f"cannot reach {base_url}: {_transport_reason(exc)}", unreachable=True
+        ) from None
+    if response.status_code != 200:
+        raise StatusFetchError(
+            f"{url} answered HTTP {response.status_code}; is a conductord status endpoint"
+            " listening there?",
+            unreachable=False,
+        )
+    try:
+        snapshot = response.json()
+    except ValueError:
+        snapshot = None
+    daemon = snapshot.get("daemon") if isinstance(snapshot, dict) else None
+    if not isinstance(daemon, dict) or "lease_state" not in daemon:
+        raise StatusFetchError(
+            f"{url} did not answer with a conductord status snapshot", unreachable=False
+        )
+    return snapshot
+
+
+def _logfmt(value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    text = str(value)
+    if any(c in text for c in ' "=\\') or not text.isprintable():
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def summary_line(snapshot: Mapping[str, Any], *, now: float) -> str:
+    """One logfmt line: identity, state, leader, term, lease expiry (seconds from `now`),
+    last error."""
+    daemon = snapshot.get("daemon", {})
+    expires_at = daemon.get("lease_expires_at")
+    expires_in = "-" if expires_at is None else f"{round(expires_at - now)}s"
+    fields = [
+        ("state", daemon.get("lease_state")),
+        ("leader", daemon.get("current_leader_id")),
+        ("term", daemon.get("current_term")),
+        ("lease_expires_in", expires_in),
+        ("last_error", daemon.get("last_error")),
+    ]
+    identity = _logfmt(snapshot.get("identity"))
+    return identity + " " + " ".join(f"{key}={_logfmt(value)}" for key, value in fields)
+
+
+_STATUS_USAGE = """\
+usage: conductord status [--local-api URL] [--json]
+
+Read a running node's local status endpoint (URL/v1/status) and print one summary line,
+or with --json the whole snapshot.
+
+  --local-api URL   the node's local_api_base (default: BAA_CONDUCTOR_LOCAL_API)
+  --json            print the snapshot as JSON
+
+exit codes: 0 leader or standby, 1 unreachable, 2 usage error, 3 degraded"""
+
+
+def _status_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="conductord status")
+    parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("--local-api", dest="local_api", metavar="URL")
+    parser.add_argument("--json", action="store_true")
+    return parser
+
+
+def _resolve_local_api(flag: str | None, env: Mapping[str, str]) -> str:
+    value = (flag or "").strip() or env.get("BAA_CONDUCTOR_LOCAL_API", "").strip()
+    if not value:
+        raise UsageError(
+            f"{_LOCAL_API_LABEL} is not set: pass the node's status URL,"
+            " e.g. --local-api http://127.0.0.1:4317"
+        )
+    parts = urlsplit(value)
+    try:
+        valid_port = parts.port is not None or ":" not in parts.netloc.rsplit("]", 1)[-1]
+    except ValueError:
+        valid_port = False
+    scheme_ok = parts.scheme.lower() in ("http", "https")
+    if not (scheme_ok and parts.hostname and valid_port) or "@" in parts.netloc:
+        raise UsageError(
+            f"{_LOCAL_API_LABEL} must be an http:// URL such as http://127.0.0.1:4317"
+            f" (got {json.dumps(value)})"
+        )
+    return value.rstrip("/")
+
+
+def main(argv: list[str], env: Mapping[str, str]) -> int:
+    """`conductord status [--local-api URL] [--json]`; returns the exit status."""
+    try:
+        options = _status_parser().parse_args(list(argv))
+        if options.help:
+            sys.stdout.write(_STATUS_USAGE + "\n")
+            return 0
+        base_url = _resolve_local_api(options.local_api, env)
+    except UsageError as err:
+        return fail(str(err), 2)
+    try:
+        snapshot = fetch_status(base_url)
+    except StatusFetchError as err:
+        return fail(str(err), 1)
+    if options.json:
+        sys.stdout.write(json.dumps(snapshot, indent=2) + "\n")
+    else:
+        sys.stdout.write(summary_line(snapshot, now=time.time()) + "\n")
+    sys.stdout.flush()
+    return 3 if snapshot["daemon"]["lease_state"] == LeaseState.DEGRADED else 0
