@@ -48,6 +48,7 @@ __all__ = [
     "config_warnings",
     "is_loopback_host",
     "resolve_config",
+    "resolve_shared_token",
 ]
 
 ROLES: Final = ("primary", "standby")
@@ -556,6 +557,20 @@ def _token_source(
     return None, None
 
 
+def resolve_shared_token(
+    flags: Mapping[str, object], env: Mapping[str, str], problems: list[str]
+) -> tuple[str | None, str | None]:
+    """(token, token file path) from `--shared-token[-file]` / `BAA_SHARED_TOKEN[_FILE]`.
+
+    Shared by the node and the reference Control API. Problems (both kinds given, an
+    unreadable or empty file) are appended to `problems`; none of them quotes the token.
+    """
+    token, token_path = _token_source(flags, env, problems)
+    if token_path is not None:
+        token = _read_token_file(token_path, problems)
+    return token, token_path
+
+
 def resolve_config(flags: Mapping[str, object], env: Mapping[str, str]) -> Config:
     """Merge default < env < flags, validate, and return the `Config` or raise `ConfigError`.
 
@@ -575,13 +590,11 @@ def resolve_config(flags: Mapping[str, object], env: Mapping[str, str]) -> Confi
         if value is not None:
             raw[setting.name] = value
 
-    token, token_path = _token_source(flags, env, problems)
+    token, token_path = resolve_shared_token(flags, env, problems)
     if token_path is not None:
         raw["shared_token_file"] = token_path
-        token = _read_token_file(token_path, problems)
-        if token is not None:
-            secrets.append(token)
     if token is not None:
+        secrets.append(token)
         raw["shared_token"] = token
 
     config: Config | None = None

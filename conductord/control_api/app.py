@@ -1,0 +1,462 @@
+"""The WSGI app of the reference Control API (SPEC §4, §9).
+
+A plain WSGI callable over a `Store`: it authenticates, reads and validates the JSON body
+(schemas from `conductord.wire`), asks the store, and answers with an envelope. Every answer,
+errors included, is a JSON envelope carrying a `request_id` (also sent as `x-request-id`);
+nothing ever answers with an HTML page or a traceback.
+
+Routes:
+  POST /v1/controllers/heartbeat   upsert the controller row
+  POST /v1/leader/acquire          acquire / renew / deny (rules.py), server clock authoritative
+  POST /v1/leader/release          release by the holder of that term
+  GET  /v1/leader                  the lease row, whether it is live, seconds left
+  GET  /v1/controllers             the controllers with seconds since their last heartbeat
+  GET  /healthz                    liveness of the app and its store; needs no token
+
+Auth is a bearer token compared in constant time (`hmac.compare_digest`); without a configured
+token every request is accepted (the server refuses that off loopback). Bodies are capped at
+64 KiB: a larger Content-Length is refused before reading, and reads are capped as well (a
+chunked body has no length up front).
+
+`wait_ms` (SPEC §12) is accepted and, for now, ignored: the answer comes at once, which §12
+allows. Long-poll plugs in at `_acquire_lease`, where a waiter would park on a per-lease event
+woken by release, grant or an expiry timer, then ask the store again.
+
+Logs: lease grants, takeovers after expiry, releases and auth failures at info/warning;
+renewals, denials and each request at debug only, so a steady fleet logs nothing per call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import json
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from marshmallow import ValidationError
+
+from conductord import wire
+from conductord.control_api.rules import AcquireDecision, LeaseRow, ReleaseDecision
+from conductord.control_api.store import ControllerRow, Store, StoreError
+from conductord.logs import get_logger
+
+MAX_BODY_BYTES = 64 * 1024
+
+StartResponse = Callable[..., Any]
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Content Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+class HttpError(Exception):
+    """An answer other than success; turned into an error envelope by the app."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        details: Any = None,
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+        self.headers = list(headers)
+
+
+@dataclass
+class Request:
+    environ: Mapping[str, Any]
+    method: str
+    path: str
+    request_id: str
+
+
+Handler = Callable[[Request], Any]
+
+
+def _wire_time(value: float) -> int:
+    # Wire times are integer seconds, truncated: a client never sees a later expiry than ours.
+    return int(value)
+
+
+def lease_record(row: LeaseRow) -> wire.LeaseRecord:
+    return wire.LeaseRecord(
+        lease_name=row.lease_name,
+        holder_id=row.holder_id,
+        holder_host=row.holder_host,
+        term=row.term,
+        lease_expires_at=_wire_time(row.lease_expires_at),
+        renewed_at=_wire_time(row.renewed_at),
+        preferred_holder_id=row.preferred_holder_id,
+        metadata_json=row.metadata_json,
+    )
+
+
+def acquire_result(decision: AcquireDecision) -> wire.AcquireResult:
+    row = decision.row
+    return wire.AcquireResult(
+        holder_id=row.holder_id,
+        holder_host=row.holder_host,
+        term=row.term,
+        lease_expires_at=_wire_time(row.lease_expires_at),
+        renewed_at=_wire_time(row.renewed_at),
+        is_leader=decision.is_leader,
+        # The wire knows "acquire" and "renew"; a denial is an acquire that did not win.
+        operation="renew" if decision.operation == "renew" else "acquire",
+        lease=lease_record(row),
+    )
+
+
+def release_result(decision: ReleaseDecision) -> wire.ReleaseResult:
+    lease = lease_record(decision.row) if decision.row is not None else None
+    return wire.ReleaseResult(released=decision.released, supported=True, lease=lease)
+
+
+def controller_record(row: ControllerRow, now: float) -> dict[str, Any]:
+    return {
+        "controller_id": row.controller_id,
+        "host": row.host,
+        "role": row.role,
+        "priority": row.priority,
+        "status": row.status,
+        "version": row.version,
+        "heartbeat_at": row.heartbeat_at,
+        "started_at": row.started_at,
+        "first_seen_at": _wire_time(row.first_seen_at),
+        "last_seen_at": _wire_time(row.last_seen_at),
+        "seconds_since_heartbeat": round(row.seconds_since_heartbeat(now), 3),
+    }
+
+
+class ControlApiApp:
+    """The WSGI callable. `token=None` disables auth (the server allows that on loopback only)."""
+
+    def __init__(self, store: Store, *, token: str | None = None, log: Any = None) -> None:
+        self._store = store
+        self._token = token.encode("utf-8") if token else None
+        self._log = log if log is not None else get_logger()
+        self._routes: dict[str, dict[str, Handler]] = {
+            "/healthz": {"GET": self._healthz},
+            "/v1/controllers/heartbeat": {"POST": self._heartbeat},
+            "/v1/leader/acquire": {"POST": self._acquire},
+            "/v1/leader/release": {"POST": self._release},
+            "/v1/leader": {"GET": self._leader},
+            "/v1/controllers": {"GET": self._controllers},
+        }
+        self._public = frozenset({"/healthz"})
+        # Schemas are stateless once built; building one per request would cost more than SQLite.
+        self._heartbeat_schema = wire.HeartbeatRequestSchema()
+        self._acquire_schema = wire.AcquireRequestSchema()
+        self._release_schema = wire.ReleaseRequestSchema()
+
+    # -- WSGI ------------------------------------------------------------------------------
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        started = time.perf_counter()
+        method = environ.get("REQUEST_METHOD", "GET").upper()
+        path = environ.get("PATH_INFO", "") or "/"
+        request = Request(environ, method, path, _request_id(environ))
+        headers: list[tuple[str, str]] = []
+        try:
+            status, body = 200, wire.success_envelope(self._dispatch(request), request.request_id)
+        except HttpError as err:
+            status, headers = err.status, err.headers
+            body = wire.error_envelope(err.code, err.message, request.request_id, err.details)
+        except Exception:
+            status = 500
+            self._log.exception(
+                "http.error", method=method, path=path, request_id=request.request_id
+            )
+            body = wire.error_envelope(
+                "internal_error", "internal server error", request.request_id
+            )
+        payload = json.dumps(body, separators=(",", ":")).encode("utf-8")
+        start_response(
+            f"{status} {_REASONS.get(status, 'Error')}",
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(payload))),
+                ("Cache-Control", "no-store"),
+                ("X-Request-Id", request.request_id),
+                *headers,
+            ],
+        )
+        self._log.debug(
+            "http.request",
+            method=method,
+            path=path,
+            status=status,
+            request_id=request.request_id,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+        return [payload]
+
+    def _dispatch(self, request: Request) -> Any:
+        if request.path not in self._public:
+            self._authenticate(request)
+        methods = self._routes.get(request.path)
+        if methods is None:
+            raise HttpError(404, "not_found", f"no route for {request.path}")
+        handler = methods.get(request.method)
+        if handler is None:
+            allow = ", ".join(sorted(methods))
+            raise HttpError(
+                405,
+                "method_not_allowed",
+                f"{request.method} is not allowed on {request.path}; use {allow}",
+                headers=[("Allow", allow)],
+            )
+        try:
+            return handler(request)
+        except StoreError as exc:
+            self._log.error(
+                "store.error", path=request.path, request_id=request.request_id, error=str(exc)
+            )
+            raise HttpError(503, "unavailable", "the lease store is unavailable") from None
+
+    def _authenticate(self, request: Request) -> None:
+        if self._token is None:
+            return
+        scheme, _, given = request.environ.get("HTTP_AUTHORIZATION", "").strip().partition(" ")
+        if scheme.lower() == "bearer" and given.strip():
+            if hmac.compare_digest(given.strip().encode("utf-8"), self._token):
+                return
+            reason, message = "invalid_token", "invalid bearer token"
+        else:
+            reason, message = "missing_token", "missing bearer token"
+        self._log.warning(
+            "auth.failed",
+            reason=reason,
+            method=request.method,
+            path=request.path,
+            remote_addr=request.environ.get("REMOTE_ADDR"),
+            request_id=request.request_id,
+        )
+        raise HttpError(
+            401,
+            "unauthorized",
+            message,
+            headers=[("WWW-Authenticate", 'Bearer realm="conductord"')],
+        )
+
+    # -- request bodies --------------------------------------------------------------------
+
+    def _load(self, request: Request, schema: Any) -> dict[str, Any]:
+        document = _read_json(request.environ)
+        try:
+            return schema.load(document)
+        except ValidationError as err:
+            fields = ", ".join(sorted(str(key) for key in _as_mapping(err.messages)))
+            raise HttpError(
+                400,
+                "invalid_request",
+                f"invalid fields: {fields}" if fields else "invalid request body",
+                details=err.messages,
+            ) from None
+
+    # -- handlers --------------------------------------------------------------------------
+
+    def _healthz(self, request: Request) -> dict[str, Any]:
+        self._store.leader()  # a cheap read: healthy means the store answers too
+        return {"status": "ok"}
+
+    def _heartbeat(self, request: Request) -> dict[str, Any]:
+        body = self._load(request, self._heartbeat_schema)
+        row = self._store.heartbeat(
+            controller_id=body["controller_id"],
+            host=body["host"],
+            role=body.get("role"),
+            priority=body.get("priority"),
+            status=body.get("status"),
+            version=body.get("version"),
+            heartbeat_at=body.get("heartbeat_at"),
+            started_at=body.get("started_at"),
+        )
+        return controller_record(row, self._store.now())
+
+    def _acquire(self, request: Request) -> dict[str, Any]:
+        body = self._load(request, self._acquire_schema)
+        decision = self._acquire_lease(body)
+        self._log_acquire(decision, request)
+        return wire.acquire_result_to_wire(acquire_result(decision))
+
+    def _acquire_lease(self, body: Mapping[str, Any]) -> AcquireDecision:
+        # `wait_ms` is validated by the schema but not honoured yet: answering at once is legal.
+        return self._store.acquire(
+            controller_id=body["controller_id"],
+            host=body["host"],
+            ttl_sec=body["ttl_sec"],
+            preferred=bool(body.get("preferred", False)),
+            metadata_json=body.get("metadata_json"),
+            client_now=body.get("now"),
+        )
+
+    def _release(self, request: Request) -> dict[str, Any]:
+        body = self._load(request, self._release_schema)
+        decision = self._store.release(controller_id=body["controller_id"], term=body["term"])
+        if decision.released and decision.changed and decision.row is not None:
+            self._log.info(
+                "lease.released",
+                holder_id=decision.row.holder_id,
+                term=decision.row.term,
+                request_id=request.request_id,
+            )
+        elif not decision.released:
+            self._log.debug(
+                "lease.release_ignored",
+                controller_id=body["controller_id"],
+                term=body["term"],
+                holder_id=decision.row.holder_id if decision.row else None,
+                current_term=decision.row.term if decision.row else None,
+                request_id=request.request_id,
+            )
+        return wire.release_result_to_wire(release_result(decision))
+
+    def _leader(self, request: Request) -> dict[str, Any]:
+        row = self._store.leader()
+        now = self._store.now()
+        live = row is not None and row.is_live(now)
+        return {
+            "lease": dataclasses.asdict(lease_record(row)) if row is not None else None,
+            "is_live": live,
+            "expires_in_sec": round(row.lease_expires_at - now, 3) if live and row else None,
+            "server_time": _wire_time(now),
+        }
+
+    def _controllers(self, request: Request) -> dict[str, Any]:
+        rows = self._store.controllers()
+        now = self._store.now()
+        return {
+            "controllers": [controller_record(row, now) for row in rows],
+            "server_time": _wire_time(now),
+        }
+
+    # -- logs ------------------------------------------------------------------------------
+
+    def _log_acquire(self, decision: AcquireDecision, request: Request) -> None:
+        row, previous = decision.row, decision.previous
+        fields = {
+            "holder_id": row.holder_id,
+            "holder_host": row.holder_host,
+            "term": row.term,
+            "lease_expires_at": round(row.lease_expires_at, 3),
+            "request_id": request.request_id,
+        }
+        if decision.operation != "acquire":
+            self._log.debug(f"lease.{decision.operation}", **fields)
+        elif decision.takeover and previous is not None:
+            self._log.warning(
+                "lease.takeover",
+                previous_holder_id=previous.holder_id,
+                previous_term=previous.term,
+                expired_for_sec=round(row.renewed_at - previous.lease_expires_at, 3),
+                **fields,
+            )
+        else:
+            self._log.info(
+                "lease.granted",
+                previous_holder_id=previous.holder_id if previous else None,
+                previous_term=previous.term if previous else None,
+                **fields,
+            )
+
+
+def _request_id(environ: Mapping[str, Any]) -> str:
+    given = environ.get("HTTP_X_REQUEST_ID", "")
+    # A caller's own id is echoed for tracing when it is short and plain; otherwise we mint one.
+    if given and _REQUEST_ID.fullmatch(given):
+        return given
+    return uuid.uuid4().hex
+
+
+def _read_json(environ: Mapping[str, Any]) -> Any:
+    raw_length = environ.get("CONTENT_LENGTH") or ""
+    stream = environ.get("wsgi.input")
+    if raw_length.strip():
+        try:
+            length = int(raw_length)
+        except ValueError:
+            raise HttpError(400, "invalid_request", "invalid Content-Length header") from None
+        if length < 0:
+            raise HttpError(400, "invalid_request", "invalid Content-Length header")
+        if length > MAX_BODY_BYTES:
+            raise _too_large()
+        data = _read_capped(stream, length) if length else b""
+    elif "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        data = _read_capped(stream, MAX_BODY_BYTES + 1)
+        if len(data) > MAX_BODY_BYTES:
+            raise _too_large()
+    else:
+        data = b""
+    if not data.strip():
+        raise HttpError(
+            400,
+            "invalid_json",
+            "request body is empty; expected a JSON object",
+            details={"body": ["Expected a JSON object."]},
+        )
+    try:
+        document = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise HttpError(
+            400,
+            "invalid_json",
+            "request body is not valid JSON",
+            details={"body": [str(exc)]},
+        ) from None
+    if not isinstance(document, dict):
+        raise HttpError(
+            400,
+            "invalid_json",
+            "request body must be a JSON object",
+            details={"body": ["Expected a JSON object."]},
+        )
+    return document
+
+
+def _read_capped(stream: Any, limit: int) -> bytes:
+    if stream is None:
+        return b""
+    chunks: list[bytes] = []
+    remaining = limit
+    while remaining > 0:
+        chunk = stream.read(min(remaining, 16384))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def _too_large() -> HttpError:
+    return HttpError(
+        413,
+        "payload_too_large",
+        f"request body exceeds {MAX_BODY_BYTES} bytes",
+        # Do not keep the connection for a body we will not read.
+        headers=[("Connection", "close")],
+    )
+
+
+def _as_mapping(messages: Any) -> Mapping[str, Any]:
+    return messages if isinstance(messages, Mapping) else {"_schema": messages}

@@ -1,0 +1,281 @@
+"""`conductord control-api`: run the reference Control API on gevent.pywsgi (SPEC §9).
+
+Settings: `--listen HOST:PORT` (`BAA_CONTROL_API_LISTEN`, default 127.0.0.1:8787), `--db PATH`
+(`BAA_CONTROL_API_DB`, default ./conductord-control.sqlite3), `--shared-token` /
+`--shared-token-file` (`BAA_SHARED_TOKEN` / `BAA_SHARED_TOKEN_FILE`), `--log-level`
+(`BAA_LOG_LEVEL`). Flags beat the environment; an empty or blank value counts as unset.
+
+Safe defaults: loopback unless told otherwise; without a token it serves but logs a
+`config.warning`, and it refuses a non-loopback address without a token. Every mistake (bad
+listen address, unusable database, port in use) is one line on stderr and exit 2, with no
+traceback and nothing on stdout. SIGTERM or SIGINT stops the server cleanly: in-flight
+requests get a short grace period, then the database is closed, exit 0.
+
+The process entry point monkey-patches; this module does not. Every accepted socket gets
+TCP_NODELAY: gevent.pywsgi sends headers and body in two writes, and with Nagle's algorithm
+a keep-alive client would wait ~40 ms (its delayed ACK) for every answer.
+
+Limits: TLS belongs to a reverse proxy. Malformed HTTP (a broken request line, say) is answered
+by gevent.pywsgi itself before the app runs, as plain text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import stat
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import gevent
+from gevent.event import Event
+from gevent.pywsgi import WSGIServer
+
+from conductord.argparsing import ArgumentParser, UsageError, fail
+from conductord.config import PLACEHOLDER_TOKEN, is_loopback_host, resolve_shared_token
+from conductord.control_api.app import ControlApiApp
+from conductord.control_api.store import Store, StoreError, open_store
+from conductord.logs import LEVELS, configure
+
+DEFAULT_LISTEN = "127.0.0.1:8787"
+DEFAULT_DB = "./conductord-control.sqlite3"
+STOP_GRACE_SEC = 1.0  # answers take milliseconds; idle keep-alive peers need not be awaited
+
+USAGE = """\
+usage: conductord control-api [--listen HOST:PORT] [--db PATH]
+                              [--shared-token T | --shared-token-file F] [--log-level LEVEL]
+
+Run the reference Control API (SQLite, WAL). Precedence: default < environment < flag.
+  --listen HOST:PORT         BAA_CONTROL_API_LISTEN   default 127.0.0.1:8787
+  --db PATH                  BAA_CONTROL_API_DB       default ./conductord-control.sqlite3
+  --shared-token T           BAA_SHARED_TOKEN         bearer token clients must send
+  --shared-token-file F      BAA_SHARED_TOKEN_FILE    file holding the token (stripped)
+  --log-level LEVEL          BAA_LOG_LEVEL            debug, info, warning, error (info)
+Without a token the server accepts any request, and it refuses a non-loopback --listen.
+SIGTERM or SIGINT stops it (exit 0); a configuration error exits 2."""
+
+
+class _ConfigProblems(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str
+    port: int
+    db: str
+    token: str | None = field(default=None, repr=False)
+    token_file: str | None = None
+    log_level: str = "info"
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback_host(self.host)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[IPv6]:PORT` -> (host, port); raises ValueError."""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(text)
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError(text)
+    if not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(text)
+    return host, int(port_text)
+
+
+def _given(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def resolve_settings(args: Any, env: Mapping[str, str]) -> ServerSettings:
+    """Merge default < env < flags and validate; raises `_ConfigProblems` with every problem."""
+    problems: list[str] = []
+    listen = _given(args.listen) or _given(env.get("BAA_CONTROL_API_LISTEN")) or DEFAULT_LISTEN
+    host, port = "", 0
+    try:
+        host, port = parse_listen(listen)
+    except ValueError:
+        problems.append(
+            "--listen / BAA_CONTROL_API_LISTEN must be HOST:PORT with a port 0-65535"
+            f' (got "{listen}")'
+        )
+    db = _given(args.db) or _given(env.get("BAA_CONTROL_API_DB")) or DEFAULT_DB
+
+    token, token_file = resolve_shared_token(
+        {"shared_token": args.shared_token, "shared_token_file": args.shared_token_file},
+        env,
+        problems,
+    )
+
+    log_level = (_given(args.log_level) or _given(env.get("BAA_LOG_LEVEL")) or "info").lower()
+    if log_level not in LEVELS:
+        problems.append(
+            f'--log-level / BAA_LOG_LEVEL must be one of {", ".join(LEVELS)} (got "{log_level}")'
+        )
+    if not problems and not token and not is_loopback_host(host):
+        problems.append(
+            f"refusing to listen on non-loopback address {host} without a shared token"
+            " (--shared-token-file / BAA_SHARED_TOKEN_FILE or --shared-token / BAA_SHARED_TOKEN)"
+        )
+    if problems:
+        raise _ConfigProblems(problems)
+    return ServerSettings(host, port, db, token, token_file, log_level)
+
+
+def settings_warnings(settings: ServerSettings) -> list[str]:
+    warnings = []
+    if not settings.token:
+        warnings.append(
+            "no shared token (--shared-token-file / BAA_SHARED_TOKEN_FILE or --shared-token /"
+            " BAA_SHARED_TOKEN); the Control API accepts unauthenticated requests"
+        )
+    elif settings.token == PLACEHOLDER_TOKEN:
+        warnings.append(
+            f"the shared token is still the placeholder {PLACEHOLDER_TOKEN};"
+            " replace it before production rollout"
+        )
+    if settings.token_file:
+        with contextlib.suppress(OSError):
+            mode = stat.S_IMODE(os.stat(settings.token_file).st_mode)
+            if mode & 0o077:
+                warnings.append(
+                    f'the shared token file "{settings.token_file}" is accessible by group or'
+                    f" others (mode {mode:04o}); run chmod 600 on it"
+                )
+    return warnings
+
+
+class NoDelayWSGIServer(WSGIServer):
+    """gevent.pywsgi server that disables Nagle's algorithm on every accepted socket."""
+
+    def handle(self, sock: Any, address: Any) -> None:
+        # `handle` runs for every connection (`wrap_socket_and_handle` only with TLS). Not
+        # every socket family has TCP options (a Unix socket, say); that is fine.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().handle(sock, address)
+
+
+class _ErrorLog:
+    """gevent.pywsgi's error stream (protocol errors) turned into JSON log lines."""
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+
+    def write(self, message: str) -> None:
+        text = message.strip()
+        if text:
+            self._log.warning("http.protocol_error", detail=text[:500])
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        pass
+
+
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="conductord control-api")
+    parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("--listen")
+    parser.add_argument("--db")
+    parser.add_argument("--shared-token")
+    parser.add_argument("--shared-token-file")
+    parser.add_argument("--log-level")
+    return parser
+
+
+def main(argv: list[str], env: Mapping[str, str]) -> int:
+    """Run the server until SIGTERM/SIGINT. Returns the exit status (0, 1 or 2)."""
+    try:
+        args = _parser().parse_args(argv)
+    except UsageError as err:
+        return fail(str(err))
+    if args.help:
+        sys.stdout.write(USAGE + "\n")
+        sys.stdout.flush()
+        return 0
+    try:
+        settings = resolve_settings(args, env)
+    except _ConfigProblems as err:
+        for problem in err.problems:
+            fail(problem)
+        return 2
+
+    log = configure(
+        level=settings.log_level,
+        secrets=[settings.token] if settings.token else (),
+        service="control-api",
+    )
+    try:
+        store = open_store(settings.db)
+    except StoreError as err:
+        return fail(str(err))
+    try:
+        return _serve(settings, store, log)
+    finally:
+        store.close()
+
+
+def _serve(settings: ServerSettings, store: Store, log: Any) -> int:
+    app = ControlApiApp(store, token=settings.token, log=log)
+    server = NoDelayWSGIServer(
+        (settings.host, settings.port),
+        app,
+        backlog=1024,
+        log=None,  # no access log: a steady fleet logs nothing per request
+        error_log=_ErrorLog(log),
+        environ={"SERVER_NAME": settings.host},
+    )
+    try:
+        server.start()
+    except OSError as err:
+        return fail(f"cannot listen on {settings.host}:{settings.port}: {err.strerror or err}")
+
+    stop = Event()
+    handlers = [
+        gevent.signal_handler(signum, stop.set) for signum in (signal.SIGTERM, signal.SIGINT)
+    ]
+    try:
+        for warning in settings_warnings(settings):
+            log.warning("config.warning", message=warning)
+        host, port = server.address[:2]
+        url_host = f"[{host}]" if ":" in host else host
+        log.info(
+            "control_api.listening",
+            host=host,
+            port=port,
+            url=f"http://{url_host}:{port}",
+            db=os.path.abspath(settings.db),
+            auth=bool(settings.token),
+            pid=os.getpid(),
+        )
+        stop.wait()
+        log.info("control_api.stopping")
+        server.stop(timeout=STOP_GRACE_SEC)
+    except Exception:
+        log.exception("control_api.crashed")
+        server.stop(timeout=0)
+        return 1
+    finally:
+        for handler in handlers:
+            handler.cancel()
+    store.close()
+    log.info("control_api.stopped")
+    return 0

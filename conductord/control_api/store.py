@@ -1,0 +1,406 @@
+"""Storage of the reference Control API: a small interface and its SQLite implementation.
+
+The app talks to a `Store` only (acquire, release, heartbeat, leader, controllers, close), so a
+PostgreSQL store (`--db postgresql://…`) can be added beside `SqliteStore` and chosen by
+`open_store()` without touching the app. Lease decisions come from `rules.py`; a store only
+reads the row, asks the rules, and writes the result inside one transaction, reading the
+server clock after it holds the write lock, so that a decision never rests on a stale reading.
+
+SQLite specifics:
+- WAL journal with `synchronous=NORMAL`: a commit is in the WAL (the OS page cache) before it
+  returns, so a `kill -9` of the server loses no acknowledged lease; only an OS crash or power
+  loss can drop the last commits, and then the lease simply lapses earlier than promised to
+  nobody (the leader's own deadline is measured from its request, not from the server's row).
+- Every lease change runs in `BEGIN IMMEDIATE`, which takes the database write lock before the
+  read, so concurrent acquirers (greenlets, threads, even other processes on the same file)
+  are serialised and never both win one term. Busy waits are bounded by `busy_timeout`.
+- The schema is versioned with `PRAGMA user_version` and migrated forward on open; a newer
+  database than this code knows is refused rather than guessed at.
+- The database file is created mode 0600 before SQLite opens it; SQLite gives the `-wal` and
+  `-shm` files the mode of the database file. Existing files keep their mode.
+- One connection per store, guarded by a lock: SQLite calls do not yield to gevent, so each
+  transaction is short and runs to completion without interleaving.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+from conductord.control_api.rules import (
+    LEASE_NAME,
+    AcquireDecision,
+    LeaseRow,
+    ReleaseDecision,
+    decide_acquire,
+    decide_release,
+)
+
+SCHEMA_VERSION = 1
+
+Clock = Callable[[], float]
+
+
+class StoreError(Exception):
+    """The store cannot be opened or used; the message is one line fit for an operator."""
+
+
+@dataclass(frozen=True)
+class ControllerRow:
+    """A controller as last heard of. `last_seen_at` is the server clock; the rest is reported."""
+
+    controller_id: str
+    host: str
+    role: str | None
+    priority: int | None
+    status: str | None
+    version: str | None
+    heartbeat_at: int | None
+    started_at: int | None
+    first_seen_at: float
+    last_seen_at: float
+
+    def seconds_since_heartbeat(self, now: float) -> float:
+        return max(0.0, now - self.last_seen_at)
+
+
+class Store(Protocol):
+    """What the Control API app needs from storage. Implementations are safe to share."""
+
+    def acquire(
+        self,
+        *,
+        controller_id: str,
+        host: str,
+        ttl_sec: int,
+        preferred: bool,
+        metadata_json: str | None = None,
+        client_now: float | None = None,
+    ) -> AcquireDecision: ...
+
+    def release(self, *, controller_id: str, term: int) -> ReleaseDecision: ...
+
+    def heartbeat(
+        self,
+        *,
+        controller_id: str,
+        host: str,
+        role: str | None = None,
+        priority: int | None = None,
+        status: str | None = None,
+        version: str | None = None,
+        heartbeat_at: int | None = None,
+        started_at: int | None = None,
+    ) -> ControllerRow: ...
+
+    def leader(self) -> LeaseRow | None: ...
+
+    def controllers(self) -> list[ControllerRow]: ...
+
+    def now(self) -> float: ...
+
+    def close(self) -> None: ...
+
+
+def open_store(db: str, *, clock: Clock = time.time) -> Store:
+    """Open the store named by `--db`: a SQLite file path (a PostgreSQL URL is reserved)."""
+    if db.startswith(("postgresql://", "postgres://")):
+        raise StoreError("PostgreSQL databases are not supported yet; give a SQLite file path")
+    return SqliteStore(db, clock=clock)
+
+
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """
+        CREATE TABLE leases (
+            lease_name TEXT PRIMARY KEY,
+            holder_id TEXT NOT NULL,
+            holder_host TEXT NOT NULL,
+            term INTEGER NOT NULL CHECK (term >= 1),
+            lease_expires_at REAL NOT NULL,
+            renewed_at REAL NOT NULL,
+            preferred_holder_id TEXT,
+            metadata_json TEXT,
+            released INTEGER NOT NULL DEFAULT 0,
+            last_client_now REAL,
+            updated_at REAL NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE controllers (
+            controller_id TEXT PRIMARY KEY,
+            host TEXT NOT NULL,
+            role TEXT,
+            priority INTEGER,
+            status TEXT,
+            version TEXT,
+            heartbeat_at INTEGER,
+            started_at INTEGER,
+            first_seen_at REAL NOT NULL,
+            last_seen_at REAL NOT NULL
+        )
+        """,
+    ),
+}
+
+_LEASE_COLUMNS = (
+    "lease_name, holder_id, holder_host, term, lease_expires_at, renewed_at, "
+    "preferred_holder_id, metadata_json, released"
+)
+_CONTROLLER_COLUMNS = (
+    "controller_id, host, role, priority, status, version, heartbeat_at, started_at, "
+    "first_seen_at, last_seen_at"
+)
+
+
+def _lease_from_row(values: tuple | None) -> LeaseRow | None:
+    if values is None:
+        return None
+    *head, released = values
+    return LeaseRow(*head, released=bool(released))
+
+
+def _create_private_file(path: str) -> None:
+    # O_CREAT with 0600: created owner-only from the first byte (umask can only narrow it).
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+
+
+class SqliteStore:
+    """The SQLite store. One connection; safe to share between greenlets and threads."""
+
+    def __init__(self, path: str, *, clock: Clock = time.time, busy_timeout_ms: int = 5000):
+        self.path = path
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._closed = False
+        try:
+            if path != ":memory:":
+                _create_private_file(path)
+            self._conn = sqlite3.connect(
+                path,
+                isolation_level=None,  # we issue BEGIN IMMEDIATE / COMMIT ourselves
+                check_same_thread=False,
+                timeout=busy_timeout_ms / 1000,
+            )
+        except OSError as exc:
+            raise StoreError(f"cannot open database {path}: {exc.strerror or exc}") from None
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {path}: {exc}") from None
+        try:
+            mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if path != ":memory:" and str(mode).lower() != "wal":
+                raise StoreError(f"cannot open database {path}: WAL journal mode unavailable")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise StoreError(f"cannot open database {path}: {exc}") from None
+        except StoreError:
+            self._conn.close()
+            raise
+
+    # -- transactions ---------------------------------------------------------------------
+
+    @contextmanager
+    def _immediate(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if self._closed:
+                raise StoreError("store is closed")
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                # e.g. "database is locked" after busy_timeout, or a full disk.
+                raise StoreError(f"database {self.path}: {exc}") from None
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if self._closed:
+                raise StoreError("store is closed")
+            try:
+                yield self._conn
+            except sqlite3.Error as exc:
+                raise StoreError(f"database {self.path}: {exc}") from None
+
+    def _migrate(self) -> None:
+        with self._immediate() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"database {self.path} has schema version {version}; "
+                    f"this conductord knows up to {SCHEMA_VERSION}"
+                )
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[step]:
+                    conn.execute(statement)
+            if version != SCHEMA_VERSION:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @property
+    def schema_version(self) -> int:
+        with self._reading() as conn:
+            return conn.execute("PRAGMA user_version").fetchone()[0]
+
+    # -- the Store interface --------------------------------------------------------------
+
+    def now(self) -> float:
+        return self._clock()
+
+    def acquire(
+        self,
+        *,
+        controller_id: str,
+        host: str,
+        ttl_sec: int,
+        preferred: bool,
+        metadata_json: str | None = None,
+        client_now: float | None = None,
+        lease_name: str = LEASE_NAME,
+    ) -> AcquireDecision:
+        with self._immediate() as conn:
+            row = self._read_lease(conn, lease_name)
+            decision = decide_acquire(
+                row,
+                controller_id=controller_id,
+                host=host,
+                ttl_sec=ttl_sec,
+                preferred=preferred,
+                metadata_json=metadata_json,
+                now=self._clock(),
+                lease_name=lease_name,
+            )
+            if decision.changed:
+                # The client's clock is kept for diagnosis only; it decides nothing.
+                recorded = client_now if decision.is_leader else None
+                self._write_lease(conn, decision.row, client_now=recorded)
+            return decision
+
+    def release(
+        self, *, controller_id: str, term: int, lease_name: str = LEASE_NAME
+    ) -> ReleaseDecision:
+        with self._immediate() as conn:
+            row = self._read_lease(conn, lease_name)
+            decision = decide_release(
+                row, controller_id=controller_id, term=term, now=self._clock()
+            )
+            if decision.changed and decision.row is not None:
+                self._write_lease(conn, decision.row, client_now=None)
+            return decision
+
+    def heartbeat(
+        self,
+        *,
+        controller_id: str,
+        host: str,
+        role: str | None = None,
+        priority: int | None = None,
+        status: str | None = None,
+        version: str | None = None,
+        heartbeat_at: int | None = None,
+        started_at: int | None = None,
+    ) -> ControllerRow:
+        with self._immediate() as conn:
+            now = self._clock()
+            conn.execute(
+                f"""
+                INSERT INTO controllers ({_CONTROLLER_COLUMNS})
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT (controller_id) DO UPDATE SET
+                    host = excluded.host, role = excluded.role, priority = excluded.priority,
+                    status = excluded.status, version = excluded.version,
+                    heartbeat_at = excluded.heartbeat_at, started_at = excluded.started_at,
+                    last_seen_at = excluded.last_seen_at
+                """,
+                (
+                    controller_id,
+                    host,
+                    role,
+                    priority,
+                    status,
+                    version,
+                    heartbeat_at,
+                    started_at,
+                    now,
+                    now,
+                ),
+            )
+            values = conn.execute(
+                f"SELECT {_CONTROLLER_COLUMNS} FROM controllers WHERE controller_id = ?",
+                (controller_id,),
+            ).fetchone()
+            return ControllerRow(*values)
+
+    def leader(self, lease_name: str = LEASE_NAME) -> LeaseRow | None:
+        with self._reading() as conn:
+            return self._read_lease(conn, lease_name)
+
+    def controllers(self) -> list[ControllerRow]:
+        with self._reading() as conn:
+            rows = conn.execute(
+                f"SELECT {_CONTROLLER_COLUMNS} FROM controllers ORDER BY controller_id"
+            ).fetchall()
+        return [ControllerRow(*values) for values in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._conn.close()
+
+    # -- rows -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _read_lease(conn: sqlite3.Connection, lease_name: str) -> LeaseRow | None:
+        values = conn.execute(
+            f"SELECT {_LEASE_COLUMNS} FROM leases WHERE lease_name = ?", (lease_name,)
+        ).fetchone()
+        return _lease_from_row(values)
+
+    def _write_lease(
+        self, conn: sqlite3.Connection, row: LeaseRow, *, client_now: float | None
+    ) -> None:
+        cursor = conn.execute(
+            f"""
+            INSERT INTO leases ({_LEASE_COLUMNS}, last_client_now, updated_at)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            ON CONFLICT (lease_name) DO UPDATE SET
+                holder_id = excluded.holder_id, holder_host = excluded.holder_host,
+                term = excluded.term, lease_expires_at = excluded.lease_expires_at,
+                renewed_at = excluded.renewed_at,
+                preferred_holder_id = excluded.preferred_holder_id,
+                metadata_json = excluded.metadata_json, released = excluded.released,
+                last_client_now = coalesce(excluded.last_client_now, leases.last_client_now),
+                updated_at = excluded.updated_at
+            WHERE excluded.term >= leases.term
+            """,
+            (
+                row.lease_name,
+                row.holder_id,
+                row.holder_host,
+                row.term,
+                row.lease_expires_at,
+                row.renewed_at,
+                row.preferred_holder_id,
+                row.metadata_json,
+                int(row.released),
+                client_now,
+                self._clock(),
+            ),
+        )
+        if cursor.rowcount != 1:
+            # Belt and braces: the rules never lower a term; refuse to store one that would.
+            raise StoreError(f"refused to lower the term of lease {row.lease_name!r}")

@@ -1,0 +1,537 @@
+"""The reference Control API over real HTTP: a server subprocess on 127.0.0.1, `requests` clients.
+
+Stateless checks share one module-wide server; lease scenarios get a fresh server (and database)
+each. A few in-process tests cover what a subprocess cannot show: TCP_NODELAY on accepted
+sockets and the 500/503 envelopes of a failing store.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import socket
+import stat
+import threading
+import time
+
+import pytest
+import requests
+import structlog
+
+from conductord.control_api.app import MAX_BODY_BYTES, ControlApiApp
+from conductord.control_api.server import main as server_main
+from conductord.control_api.store import StoreError
+from conductord.logs import configure
+from tests.support.control_api import ControlApiProcess, run_control_api
+
+ACQUIRE = "/v1/leader/acquire"
+RELEASE = "/v1/leader/release"
+HEARTBEAT = "/v1/controllers/heartbeat"
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    # In-process tests configure structlog (to capsys or a StringIO); leave no trace behind.
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.fixture(scope="module")
+def shared_api(tmp_path_factory):
+    db = tmp_path_factory.mktemp("shared") / "control.sqlite3"
+    with ControlApiProcess(str(db), token=f"mod-{secrets.token_hex(8)}").start() as server:
+        yield server
+
+
+def post(server, path, body, *, token=True, session=None, **kwargs):
+    headers = server.headers if token else {}
+    return (session or requests).post(
+        server.url + path, json=body, headers=headers, timeout=10, **kwargs
+    )
+
+
+def get(server, path, *, token=True):
+    return requests.get(server.url + path, headers=server.headers if token else {}, timeout=10)
+
+
+def acquire(server, controller_id, *, ttl=10, session=None, **extra):
+    body = {"controller_id": controller_id, "host": f"{controller_id}-host", "ttl_sec": ttl}
+    body.update(extra)
+    response = post(server, ACQUIRE, body, session=session)
+    assert response.status_code == 200, response.text
+    return response.json()["data"]
+
+
+def release(server, controller_id, term):
+    response = post(server, RELEASE, {"controller_id": controller_id, "term": term})
+    assert response.status_code == 200, response.text
+    return response.json()["data"]
+
+
+def assert_error(response, status, code):
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert body["ok"] is False
+    assert body["error"] == code
+    assert body["message"]
+    assert body["request_id"] == response.headers["x-request-id"]
+    return body
+
+
+def wait_until(predicate, timeout=10.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(interval)
+
+
+# -- envelopes, auth, errors --------------------------------------------------------------------
+
+
+def test_healthz_needs_no_token_and_carries_a_request_id(shared_api):
+    response = requests.get(shared_api.url + "/healthz", timeout=10)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["ok"] is True
+    assert body["data"] == {"status": "ok"}
+    assert body["request_id"] == response.headers["x-request-id"]
+    assert len(body["request_id"]) >= 16
+
+
+def test_a_plain_caller_request_id_is_echoed(shared_api):
+    response = requests.get(
+        shared_api.url + "/healthz", headers={"x-request-id": "trace-42"}, timeout=10
+    )
+    assert response.json()["request_id"] == "trace-42"
+    hostile = requests.get(
+        shared_api.url + "/healthz", headers={"x-request-id": "<script>"}, timeout=10
+    )
+    assert hostile.json()["request_id"] != "<script>"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"authorization": "Bearer wrong-token"}, {"authorization": "Basic abc"}],
+    ids=["missing", "wrong", "other-scheme"],
+)
+def test_everything_but_healthz_needs_the_token(shared_api, headers):
+    for method, path in (("GET", "/v1/leader"), ("GET", "/v1/controllers"), ("POST", ACQUIRE)):
+        response = requests.request(
+            method, shared_api.url + path, headers=headers, json={}, timeout=10
+        )
+        assert_error(response, 401, "unauthorized")
+        assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_auth_failures_are_logged_without_any_token(shared_api):
+    bad = "wrong-" + secrets.token_hex(6)
+    response = requests.get(
+        shared_api.url + "/v1/leader", headers={"authorization": f"Bearer {bad}"}, timeout=10
+    )
+    request_id = response.headers["x-request-id"]
+
+    def logged():
+        return [e for e in shared_api.logs("auth.failed") if e["request_id"] == request_id]
+
+    wait_until(logged)
+    [entry] = logged()
+    assert entry["reason"] == "invalid_token"
+    assert entry["path"] == "/v1/leader"
+    output = "\n".join(shared_api.stdout_lines) + shared_api.stderr
+    assert bad not in output
+    assert shared_api.token not in output
+
+
+@pytest.mark.parametrize(
+    ("body", "fields"),
+    [
+        ({}, {"controller_id", "host", "ttl_sec"}),
+        ({"controller_id": " ", "host": "h", "ttl_sec": 5}, {"controller_id"}),
+        ({"controller_id": "a", "host": "h", "ttl_sec": 0}, {"ttl_sec"}),
+        ({"controller_id": "a", "host": "h", "ttl_sec": "5"}, {"ttl_sec"}),
+        ({"controller_id": "a", "host": "h", "ttl_sec": 1.5}, {"ttl_sec"}),
+        ({"controller_id": "a", "host": "h", "ttl_sec": 5, "preferred": "yes"}, {"preferred"}),
+    ],
+)
+def test_invalid_acquire_fields_give_400_with_details(shared_api, body, fields):
+    error = assert_error(post(shared_api, ACQUIRE, body), 400, "invalid_request")
+    assert set(error["details"]) == fields
+
+
+def test_invalid_release_and_heartbeat_fields_give_400(shared_api):
+    error = assert_error(post(shared_api, RELEASE, {"controller_id": "a"}), 400, "invalid_request")
+    assert set(error["details"]) == {"term"}
+    error = assert_error(post(shared_api, HEARTBEAT, {"host": "h"}), 400, "invalid_request")
+    assert set(error["details"]) == {"controller_id"}
+
+
+@pytest.mark.parametrize("data", [b"{not json", b"[1, 2]", b"", b"\xff\xfe"])
+def test_invalid_json_gives_400(shared_api, data):
+    response = requests.post(
+        shared_api.url + ACQUIRE,
+        data=data,
+        headers={**shared_api.headers, "content-type": "application/json"},
+        timeout=10,
+    )
+    error = assert_error(response, 400, "invalid_json")
+    assert error["details"]["body"]
+
+
+def test_unknown_path_is_a_404_envelope(shared_api):
+    assert_error(get(shared_api, "/v1/nope"), 404, "not_found")
+    assert_error(get(shared_api, "/"), 404, "not_found")
+
+
+def test_wrong_method_is_a_405_envelope_with_allow(shared_api):
+    response = get(shared_api, ACQUIRE)
+    assert_error(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == "POST"
+    response = post(shared_api, "/v1/leader", {})
+    assert_error(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == "GET"
+
+
+def test_oversized_body_is_a_413_envelope(shared_api):
+    body = {"controller_id": "a", "host": "h", "ttl_sec": 5, "pad": "x" * MAX_BODY_BYTES}
+    assert_error(post(shared_api, ACQUIRE, body), 413, "payload_too_large")
+
+
+def test_oversized_chunked_body_is_a_413_envelope(shared_api):
+    def chunks():
+        for _ in range(5):
+            yield b" " * (MAX_BODY_BYTES // 4)
+
+    response = requests.post(
+        shared_api.url + ACQUIRE, data=chunks(), headers=shared_api.headers, timeout=10
+    )
+    assert_error(response, 413, "payload_too_large")
+
+
+def test_content_length_is_refused_before_the_body_is_read(shared_api):
+    """Only headers are sent: the 413 must come back without waiting for 10 MB."""
+    with socket.create_connection(("127.0.0.1", shared_api.port), timeout=10) as sock:
+        sock.sendall(
+            (
+                f"POST {ACQUIRE} HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {shared_api.token}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 10000000\r\n\r\n"
+            ).encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            assert chunk, "connection closed without an answer"
+            head += chunk
+    assert head.startswith(b"HTTP/1.1 413")
+
+
+# -- lease rules over HTTP ----------------------------------------------------------------------
+
+
+def test_acquire_renew_deny_release_over_http(control_api):
+    first = acquire(control_api, "a", ttl=30, preferred=True, metadata_json='{"v":1}')
+    assert first["operation"] == "acquire"
+    assert first["is_leader"] is True
+    assert (first["holder_id"], first["holder_host"], first["term"]) == ("a", "a-host", 1)
+    assert first["lease"]["lease_name"] == "global"
+    assert first["lease"]["preferred_holder_id"] == "a"
+    assert first["lease"]["metadata_json"] == '{"v":1}'
+
+    renewed = acquire(control_api, "a", ttl=30)
+    assert (renewed["operation"], renewed["term"], renewed["is_leader"]) == ("renew", 1, True)
+
+    denied = acquire(control_api, "b", ttl=30, preferred=True)
+    assert denied["is_leader"] is False
+    assert denied["operation"] == "acquire"
+    assert (denied["holder_id"], denied["term"]) == ("a", 1)
+    # Preference is recorded, never used to preempt the live holder.
+    assert denied["lease"]["preferred_holder_id"] == "b"
+
+    assert release(control_api, "b", 1)["released"] is False
+    assert release(control_api, "a", 2)["released"] is False
+    assert acquire(control_api, "b")["is_leader"] is False  # still a's lease
+
+    released = release(control_api, "a", 1)
+    assert released["released"] is True
+    assert released["lease"]["term"] == 1
+
+    taken = acquire(control_api, "b")
+    assert (taken["operation"], taken["holder_id"], taken["term"]) == ("acquire", "b", 2)
+    entries = control_api.logs()
+    events = [e["event"] for e in entries]
+    assert events.count("lease.granted") == 2
+    assert events.count("lease.released") == 1
+    assert "lease.takeover" not in events  # released, not expired
+    # Renewals, denials and requests are debug-only: a steady fleet logs nothing per call.
+    assert not {"http.request", "lease.renew", "lease.deny"} & set(events)
+
+
+def test_takeover_after_expiry_with_subsecond_expiry_and_truncated_wire_times(control_api):
+    first = acquire(control_api, "a", ttl=1)
+    assert first["lease_expires_at"] - first["renewed_at"] == 1
+    assert isinstance(first["lease_expires_at"], int)
+    leader = get(control_api, "/v1/leader").json()["data"]
+    assert leader["lease"]["holder_id"] == "a"
+    if leader["is_live"]:
+        # Seconds left keep their fraction; a whole-second rounding would show 1 or 0.
+        assert 0 < leader["expires_in_sec"] <= 1
+    wait_until(lambda: not get(control_api, "/v1/leader").json()["data"]["is_live"], timeout=10)
+    taken = acquire(control_api, "b", ttl=5)
+    assert (taken["holder_id"], taken["term"], taken["is_leader"]) == ("b", 2, True)
+    takeover = control_api.wait_for_log("lease.takeover")
+    assert takeover["previous_holder_id"] == "a"
+    assert takeover["previous_term"] == 1
+    assert takeover["term"] == 2
+    assert takeover["expired_for_sec"] >= 0
+
+
+def test_client_now_is_recorded_not_trusted(control_api):
+    before = int(time.time())
+    for client_now in (0, 4_000_000_000):
+        data = acquire(control_api, "a", ttl=10, now=client_now)
+        assert before - 1 <= data["renewed_at"] <= int(time.time()) + 1
+        assert data["lease_expires_at"] == data["renewed_at"] + 10
+
+
+def test_heartbeat_and_controllers(control_api):
+    body = {
+        "controller_id": "mini-main",
+        "host": "mini",
+        "role": "primary",
+        "priority": 100,
+        "status": "standby",
+        "version": "0.1.0",
+        "heartbeat_at": 1,
+        "started_at": 1,
+    }
+    response = post(control_api, HEARTBEAT, body)
+    assert response.status_code == 200, response.text
+    assert response.json()["data"]["controller_id"] == "mini-main"
+    post(control_api, HEARTBEAT, {**body, "status": "leader"})
+    post(control_api, HEARTBEAT, {"controller_id": "mini-standby", "host": "mini2"})
+    data = get(control_api, "/v1/controllers").json()["data"]
+    by_id = {c["controller_id"]: c for c in data["controllers"]}
+    assert set(by_id) == {"mini-main", "mini-standby"}
+    main = by_id["mini-main"]
+    assert (main["status"], main["priority"], main["role"]) == ("leader", 100, "primary")
+    assert 0 <= main["seconds_since_heartbeat"] < 10
+    assert abs(main["last_seen_at"] - time.time()) < 10  # the server's clock, not heartbeat_at
+
+
+def test_concurrent_acquires_yield_exactly_one_leader(control_api):
+    threads = 20
+    barrier = threading.Barrier(threads)
+    results: list = [None] * threads
+    errors: list = []
+
+    def worker(i):
+        try:
+            with requests.Session() as session:
+                barrier.wait(timeout=20)
+                results[i] = acquire(control_api, f"node-{i}", session=session)
+        except BaseException as exc:
+            errors.append(exc)
+
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(timeout=60)
+    assert not errors
+    leaders = [r for r in results if r["is_leader"]]
+    assert len(leaders) == 1
+    assert {(r["holder_id"], r["term"]) for r in results} == {(leaders[0]["holder_id"], 1)}
+    assert len(control_api.logs("lease.granted")) == 1
+
+
+def test_acknowledged_lease_survives_kill_9_and_terms_never_go_back(control_api):
+    first = acquire(control_api, "a", ttl=60)
+    assert control_api.kill() == -9
+    control_api.restart()
+    leader = get(control_api, "/v1/leader").json()["data"]
+    assert leader["is_live"] is True
+    assert (leader["lease"]["holder_id"], leader["lease"]["term"]) == ("a", first["term"])
+    assert acquire(control_api, "b")["is_leader"] is False
+    resumed = acquire(control_api, "a")
+    assert (resumed["operation"], resumed["term"]) == ("renew", 1)
+    assert release(control_api, "a", 1)["released"] is True
+    assert control_api.kill() == -9
+    control_api.restart()
+    assert acquire(control_api, "b")["term"] == 2
+
+
+def test_sigterm_stops_cleanly_and_database_files_are_owner_only(control_api):
+    acquire(control_api, "a")  # a write, so -wal and -shm exist
+    db = control_api.db_path
+    for path in (db, db + "-wal", db + "-shm"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+    with requests.Session() as idle:  # an idle keep-alive peer must not hold up the stop
+        assert idle.get(control_api.url + "/healthz", timeout=10).status_code == 200
+        assert control_api.stop() == 0
+    events = [e["event"] for e in control_api.logs()]
+    assert events[-2:] == ["control_api.stopping", "control_api.stopped"]
+    assert control_api.stderr == ""
+
+
+def test_without_a_token_it_serves_on_loopback_and_warns(tmp_path):
+    with ControlApiProcess(str(tmp_path / "db.sqlite3")).start() as server:
+        assert acquire(server, "a")["is_leader"] is True
+        warning = server.wait_for_log("config.warning")
+        assert "no shared token" in warning["message"]
+        assert server.wait_for_log("control_api.listening")["auth"] is False
+
+
+# -- refusals at start-up -------------------------------------------------------------------
+
+
+def assert_refused(code, out, err, text):
+    assert code == 2, err
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("conductord: error: ")
+    assert text in lines[0]
+    assert "Traceback" not in err
+
+
+def test_non_loopback_without_token_is_refused_by_the_process(tmp_path):
+    db = tmp_path / "db.sqlite3"
+    result = run_control_api(["--listen", "0.0.0.0:0", "--db", str(db)])
+    assert_refused(result.returncode, result.stdout, result.stderr, "non-loopback")
+    assert not db.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "text"),
+    [
+        (["--listen", "[::]:0"], {}, "non-loopback address :: without a shared token"),
+        ([], {"BAA_CONTROL_API_LISTEN": "nope"}, "BAA_CONTROL_API_LISTEN"),
+        (["--listen", "127.0.0.1:99999"], {}, "port 0-65535"),
+        (["--db", "{tmp}/missing-dir/db"], {}, "cannot open database"),
+        (["--log-level", "loud"], {}, "--log-level / BAA_LOG_LEVEL"),
+        ([], {"BAA_SHARED_TOKEN_FILE": "{tmp}/absent"}, "BAA_SHARED_TOKEN_FILE: cannot read"),
+        (
+            ["--shared-token", "s3cret-value", "--shared-token-file", "{tmp}/t"],
+            {},
+            "mutually exclusive",
+        ),
+        (["--shared-tokn=s3cret-value"], {}, "unknown option --shared-tokn"),
+    ],
+    ids=[
+        "ipv6-any",
+        "bad-listen",
+        "bad-port",
+        "unwritable-db",
+        "bad-log-level",
+        "token-file",
+        "two-tokens",
+        "unknown-option",
+    ],
+)
+def test_configuration_mistakes_are_one_line_and_exit_2(tmp_path, capsys, args, env, text):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    env = {k: v.replace("{tmp}", str(tmp_path)) for k, v in env.items()}
+    if "--listen" not in argv and "BAA_CONTROL_API_LISTEN" not in env:
+        argv += ["--listen", "127.0.0.1:0"]  # never the default port 8787 in tests
+    if "--db" not in argv:
+        argv += ["--db", str(tmp_path / "db.sqlite3")]
+    code = server_main(argv, env)
+    out, err = capsys.readouterr()
+    assert_refused(code, out, err, text)
+    assert "s3cret-value" not in err
+
+
+def test_port_in_use_is_refused(tmp_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = server_main(["--listen", f"127.0.0.1:{port}", "--db", str(tmp_path / "db")], {})
+    out, err = capsys.readouterr()
+    assert_refused(code, out, err, f"cannot listen on 127.0.0.1:{port}")
+
+
+# -- in process -------------------------------------------------------------------------------
+
+
+def test_accepted_sockets_get_tcp_nodelay():
+    import gevent.socket
+    from gevent.pywsgi import WSGIHandler
+
+    from conductord.control_api.server import NoDelayWSGIServer
+
+    seen: list[int] = []
+
+    class Probe(WSGIHandler):
+        """Sees the accepted socket as the server hands it over."""
+
+        def handle(self):
+            seen.append(self.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            return super().handle()
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    server = NoDelayWSGIServer(("127.0.0.1", 0), app, log=None, handler_class=Probe)
+    server.start()
+    try:
+        conn = gevent.socket.create_connection(("127.0.0.1", server.server_port), timeout=10)
+        with conn:
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := conn.recv(4096):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200")
+        assert seen and seen[0] != 0
+    finally:
+        server.stop(timeout=1)
+
+
+class _FailingStore:
+    def __init__(self, exc):
+        self.exc = exc
+
+    def leader(self):
+        raise self.exc
+
+    def now(self):
+        return time.time()
+
+
+def _call(app, path="/v1/leader"):
+    captured = {}
+
+    def start_response(status, headers):
+        captured["status"], captured["headers"] = status, dict(headers)
+
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "wsgi.input": io.BytesIO()}
+    body = b"".join(app(environ, start_response))
+    return captured["status"], captured["headers"], json.loads(body)
+
+
+def test_unexpected_errors_are_500_envelopes_and_an_error_log_line():
+    stream = io.StringIO()
+    log = configure(level="info", stream=stream)
+    status, headers, body = _call(ControlApiApp(_FailingStore(RuntimeError("boom")), log=log))
+    assert status.startswith("500")
+    assert body["ok"] is False and body["error"] == "internal_error"
+    assert "boom" not in json.dumps(body) and "Traceback" not in json.dumps(body)
+    assert headers["X-Request-Id"] == body["request_id"]
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(e["event"], e["level"]) for e in lines] == [("http.error", "error")]
+
+
+def test_store_failures_are_503_envelopes():
+    log = configure(level="info", stream=io.StringIO())
+    status, _, body = _call(ControlApiApp(_FailingStore(StoreError("disk full")), log=log))
+    assert status.startswith("503")
+    assert body["error"] == "unavailable"
+    status, _, body = _call(
+        ControlApiApp(_FailingStore(StoreError("disk full")), log=log), "/healthz"
+    )
+    assert status.startswith("503")

@@ -1,0 +1,229 @@
+"""Tests of the SQLite store on a real temporary database file (fake clock where it matters)."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import threading
+from dataclasses import replace
+
+import pytest
+
+from conductord.control_api.store import (
+    SCHEMA_VERSION,
+    SqliteStore,
+    StoreError,
+    open_store,
+)
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return str(tmp_path / "control.sqlite3")
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def store(db_path, clock):
+    s = SqliteStore(db_path, clock=clock)
+    yield s
+    s.close()
+
+
+def acquire(store, controller_id, *, ttl=10, preferred=False, client_now=None):
+    return store.acquire(
+        controller_id=controller_id,
+        host=f"{controller_id}-host",
+        ttl_sec=ttl,
+        preferred=preferred,
+        client_now=client_now,
+    )
+
+
+def test_schema_is_created_and_versioned(store, db_path):
+    assert store.schema_version == SCHEMA_VERSION
+    with sqlite3.connect(db_path) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"leases", "controllers"} <= tables
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_newer_schema_is_refused(db_path):
+    SqliteStore(db_path).close()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match="schema version"):
+        SqliteStore(db_path)
+
+
+def test_database_files_are_owner_only(store, db_path):
+    acquire(store, "a")  # a write, so that -wal and -shm exist
+    for path in (db_path, db_path + "-wal", db_path + "-shm"):
+        assert os.path.exists(path), path
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+
+
+def test_unwritable_path_is_a_one_line_store_error(tmp_path):
+    missing = tmp_path / "no-such-dir" / "db.sqlite3"
+    with pytest.raises(StoreError) as info:
+        SqliteStore(str(missing))
+    assert "cannot open database" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_postgresql_urls_are_reserved():
+    with pytest.raises(StoreError, match="PostgreSQL"):
+        open_store("postgresql://localhost/db")
+
+
+def test_acquire_renew_deny_release(store, clock):
+    first = acquire(store, "a", ttl=10)
+    assert (first.operation, first.row.term, first.row.holder_id) == ("acquire", 1, "a")
+    clock.now += 2.5
+    renewed = acquire(store, "a", ttl=10)
+    assert renewed.operation == "renew"
+    assert renewed.row.lease_expires_at == pytest.approx(clock.now + 10)
+    denied = acquire(store, "b")
+    assert (denied.operation, denied.is_leader, denied.row.holder_id) == ("deny", False, "a")
+    assert not store.release(controller_id="b", term=1).released
+    assert store.release(controller_id="a", term=1).released
+    leader = store.leader()
+    assert leader is not None and leader.released and leader.term == 1
+    taken = acquire(store, "b")
+    assert (taken.operation, taken.row.term, taken.takeover) == ("acquire", 2, False)
+
+
+def test_expiry_keeps_subsecond_precision(store, clock):
+    acquire(store, "a", ttl=1)
+    clock.now += 0.999
+    assert acquire(store, "b").operation == "deny"
+    clock.now += 0.001
+    decision = acquire(store, "b")
+    assert (decision.operation, decision.takeover, decision.row.term) == ("acquire", True, 2)
+    assert store.leader().renewed_at == pytest.approx(clock.now)
+
+
+def test_client_now_is_recorded_not_trusted(store, db_path, clock):
+    decision = acquire(store, "a", ttl=10, client_now=5.0)  # a client clock far in the past
+    assert decision.row.renewed_at == clock.now
+    assert decision.row.lease_expires_at == clock.now + 10
+    with sqlite3.connect(db_path) as conn:
+        (recorded,) = conn.execute("SELECT last_client_now FROM leases").fetchone()
+    assert recorded == 5.0
+
+
+def test_terms_survive_restart(db_path, clock):
+    s = SqliteStore(db_path, clock=clock)
+    acquire(s, "a")
+    assert s.release(controller_id="a", term=1).released
+    s.close()
+    s = SqliteStore(db_path, clock=clock)
+    assert s.leader().term == 1
+    assert acquire(s, "b").row.term == 2
+    clock.now += 60  # expires without release
+    s.close()
+    s = SqliteStore(db_path, clock=clock)
+    assert acquire(s, "a").row.term == 3
+    s.close()
+
+
+def test_a_live_lease_survives_restart_and_its_holder_resumes(db_path, clock):
+    s = SqliteStore(db_path, clock=clock)
+    acquire(s, "a", ttl=30)
+    s.close()
+    s = SqliteStore(db_path, clock=clock)
+    assert acquire(s, "b").operation == "deny"
+    resumed = acquire(s, "a")
+    assert (resumed.operation, resumed.row.term) == ("renew", 1)
+    s.close()
+
+
+def test_a_lower_term_is_never_written(store, clock):
+    first = acquire(store, "a").row
+    clock.now += 60
+    acquire(store, "b")
+    with pytest.raises(StoreError, match="lower the term"), store._immediate() as conn:
+        store._write_lease(conn, replace(first, lease_expires_at=clock.now + 60), client_now=None)
+    assert (store.leader().term, store.leader().holder_id) == (2, "b")
+
+
+def test_heartbeat_upserts_the_controller(store, clock):
+    row = store.heartbeat(
+        controller_id="a",
+        host="mini",
+        role="primary",
+        priority=100,
+        status="standby",
+        version="0.1.0",
+        heartbeat_at=1,
+        started_at=1,
+    )
+    assert (row.first_seen_at, row.last_seen_at) == (clock.now, clock.now)
+    clock.now += 7.5
+    row = store.heartbeat(controller_id="a", host="mini", status="leader")
+    assert row.status == "leader"
+    assert row.first_seen_at == clock.now - 7.5
+    assert row.last_seen_at == clock.now
+    store.heartbeat(controller_id="0-first", host="other")
+    assert [c.controller_id for c in store.controllers()] == ["0-first", "a"]
+    clock.now += 2.0
+    assert store.controllers()[1].seconds_since_heartbeat(clock.now) == pytest.approx(2.0)
+
+
+def test_closed_store_refuses_work(db_path):
+    s = SqliteStore(db_path)
+    s.close()
+    s.close()  # idempotent
+    with pytest.raises(StoreError):
+        s.leader()
+
+
+def test_concurrent_acquires_from_many_connections_yield_one_holder_per_term(db_path, clock):
+    """Each thread has its own store (connection) on the same file, like separate servers."""
+    threads = 12
+    rounds = 4
+    stores = [SqliteStore(db_path, clock=clock) for _ in range(threads)]
+    try:
+        for round_no in range(1, rounds + 1):
+            clock.now += 100.0  # past every previous lease
+            barrier = threading.Barrier(threads)
+            results: list = [None] * threads
+            errors: list[BaseException] = []
+
+            def worker(i, barrier=barrier, results=results, errors=errors):
+                try:
+                    barrier.wait(timeout=10)
+                    results[i] = acquire(stores[i], f"node-{i}", ttl=10)
+                except BaseException as exc:
+                    errors.append(exc)
+
+            pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+            for t in pool:
+                t.start()
+            for t in pool:
+                t.join(timeout=30)
+            assert not errors
+            winners = [r for r in results if r.operation == "acquire"]
+            assert len(winners) == 1
+            assert winners[0].row.term == round_no
+            holder = winners[0].row.holder_id
+            for r in results:
+                assert r.row.term == round_no
+                assert r.row.holder_id == holder
+                assert r.is_leader == (r.operation == "acquire")
+    finally:
+        for s in stores:
+            s.close()
