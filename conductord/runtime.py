@@ -158,6 +158,7 @@ class Runtime:
         self._loops: dict[str, gevent.Greenlet] = {}
         self._deadline_timer: gevent.Greenlet | None = None
         self._stop_requested = Event()
+        self._long_polled = False  # the last lease cycle asked the server to wait
         self._started = False
         self._stopped = False
 
@@ -350,6 +351,7 @@ class Runtime:
         # A standby may long-poll (SPEC §12); a leader, or a node renewing a grant it could
         # not use, never waits.
         long_poll = wait and m.state is not LeaseState.LEADER and not m.needs_prompt_renew()
+        self._long_polled = long_poll
         sent_at = self.clock()
         try:
             result = self.client.acquire_leader_lease(
@@ -384,10 +386,8 @@ class Runtime:
         # The first iteration of each loop already ran in the start sequence.
         began = self.clock()
         while True:
-            delay = interval_s * self._rng.uniform(1 - JITTER, 1 + JITTER)
-            remaining = delay - (self.clock() - began)
-            prompt = name == "lease" and self.machine.needs_prompt_renew()
-            if remaining > 0 and not prompt:
+            remaining = self._pace(name, interval_s, self.clock() - began)
+            if remaining > 0:
                 if self._stop_requested.wait(remaining):
                     return
             elif self._stop_requested.is_set():
@@ -395,6 +395,16 @@ class Runtime:
             began = self.clock()
             iteration()
             self.loop_progress[name] = self.clock()
+
+    def _pace(self, name: str, interval_s: float, elapsed: float) -> float:
+        """Seconds to wait before the next cycle: start-to-start, one interval ±10 %."""
+        if name == "lease":
+            if self.machine.needs_prompt_renew():
+                return 0.0
+            if self._long_polled and elapsed >= interval_s * (1 - JITTER):
+                # The server held the call for the whole wait: re-park at once (SPEC §12).
+                return 0.0
+        return interval_s * self._rng.uniform(1 - JITTER, 1 + JITTER) - elapsed
 
     def _loop_alive(self, name: str) -> bool:
         greenlet = self._loops.get(name)
