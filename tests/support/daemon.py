@@ -216,3 +216,48 @@ class FakeControlApi:
             if released:
                 self.holder = None
             return self._envelope({"released": released})
+
+
+def parse_ts(event: Event) -> float:
+    """The event's ISO 8601 UTC timestamp as unix seconds."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+def scheduler_intervals(events: list[Event], *, ended_at: float | None = None) -> list[tuple]:
+    """(start, end) wall-clock intervals in which a node's scheduler was enabled, from its logs.
+
+    An interval opens at a `lease.transition` to leader and closes at the next transition
+    away, at `conductor.stopping` (the scheduler is switched off first), or at `ended_at`
+    (e.g. the moment the test killed the process) when still open.
+    """
+    intervals: list[tuple[float, float]] = []
+    opened: float | None = None
+    for event in events:
+        name = event.get("event")
+        if name == "lease.transition" and event["to_state"] == "leader":
+            opened = parse_ts(event) if opened is None else opened
+        elif opened is not None and (name == "lease.transition" or name == "conductor.stopping"):
+            intervals.append((opened, parse_ts(event)))
+            opened = None
+    if opened is not None:
+        intervals.append((opened, ended_at if ended_at is not None else float("inf")))
+    return intervals
+
+
+def overlap_seconds(*per_node: list[tuple]) -> float:
+    """Total time in which two or more nodes had the scheduler enabled at once."""
+    marks = sorted(
+        (point, delta)
+        for intervals in per_node
+        for start, end in intervals
+        for point, delta in ((start, 1), (end, -1))
+    )
+    total, active, last = 0.0, 0, None
+    for point, delta in marks:
+        if active >= 2 and last is not None:
+            total += point - last
+        active += delta
+        last = point
+    return total
