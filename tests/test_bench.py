@@ -1,0 +1,125 @@
+"""The benchmarks of bench/ run end to end at a tiny size (SPEC §11).
+
+Each script runs as a real subprocess (real Control API, real daemons, real signals) with tiny
+parameters; the test checks that stdout is exactly one JSON line with the documented keys, that
+the figures are sane (not that they meet the targets: this machine may be loaded), that the
+safety figures are 0, and that no process of the run outlives the script (every child has the
+run's temporary directory, under TMPDIR, on its command line).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+
+
+def run_bench(script: str, args: list[str], tmp_path: Path, timeout: float) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BAA_")}
+    env["TMPDIR"] = str(tmp_path)
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1, f"stdout must be one JSON line: {done.stdout[:2000]!r}"
+    assert not leftover_processes(tmp_path), "a process of the benchmark outlived it"
+    result = json.loads(lines[0])
+    assert result["machine"]["nproc"] >= 1
+    return result
+
+
+def leftover_processes(tmp_path: Path) -> list[int]:
+    marker = str(tmp_path).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def test_failover_reports_both_kinds_and_no_overlap(tmp_path: Path) -> None:
+    result = run_bench(
+        "failover.py", ["--trials", "2", "--nodes", "2", "--seed", "1"], tmp_path, timeout=120
+    )
+    assert result["bench"] == "failover"
+    assert result["server_mode"] in ("polling", "longpoll")
+    assert result["mode"] == result["server_mode"]
+    assert (result["nodes"], result["ttl_sec"], result["renew_ms"]) == (2, 2, 250)
+    ttl = result["ttl_sec"]
+    for kind, unit in (("crash", "ttl"), ("graceful", "renew")):
+        figures = result[kind]
+        assert figures["trials"] == 2
+        assert figures["takeovers"] == 2, figures
+        assert figures["no_takeover_trials"] == []
+        assert figures["bad_exit_codes"] == []
+        for key in ("median_s", "p90_s", "max_s", f"median_{unit}_ratio", f"max_{unit}_ratio"):
+            assert figures[key] is not None and figures[key] > 0, (key, figures)
+        assert figures["min_s"] <= figures["median_s"] <= figures["max_s"]
+        assert isinstance(figures["pass"], bool)
+    # A killed leader's lease can only be taken once it expires on the server: at least the
+    # TTL after its last renewal (sent at most one jittered renew interval before the kill).
+    assert result["crash"]["min_s"] >= ttl - 0.5
+    # A stopping leader releases: the next standby poll takes over, well before the TTL.
+    assert result["graceful"]["max_s"] < ttl
+    assert result["overlap_ms"] == 0
+    assert result["overlap_episodes"] == 0
+    assert result["leader_intervals"] >= 5  # the first leader plus one per trial
+    assert result["non_json_stdout_lines"] == 0
+    if result["status_endpoint"] == "ok":
+        assert result["status_polls_ok"] > 0
+        assert result["status_overlap_samples"] == 0
+
+
+def test_footprint_measures_an_idle_leader(tmp_path: Path) -> None:
+    result = run_bench("footprint.py", ["--seconds", "3"], tmp_path, timeout=60)
+    assert result["bench"] == "footprint"
+    assert result["node_alive"] is True
+    assert result["lease_state"] == "leader"
+    assert 2.5 <= result["window_s"] < 10
+    assert 0 < result["startup_s"] < 30
+    assert 5 < result["rss_mb"] <= result["rss_hwm_mb"] + 0.01
+    assert result["cpu_s_per_hour"] >= 0
+    assert result["cpu_s_in_window"] >= 0
+    assert result["status_endpoint"] in ("ok", "unavailable")
+    assert set(result["targets"]) == {"rss_mb", "cpu_s_per_hour", "startup_s"}
+    assert isinstance(result["pass"], bool)
+
+
+def test_control_api_load_reports_rate_latency_and_no_errors(tmp_path: Path) -> None:
+    args = ["--nodes", "20", "--interval-ms", "500", "--seconds", "2", "--warmup-seconds", "1"]
+    args += ["--saturation-seconds", "1"]
+    result = run_bench("control_api_load.py", args, tmp_path, timeout=90)
+    assert result["bench"] == "control_api_load"
+    assert result["server_alive"] is True
+    paced = result["paced"]
+    assert result["errors"] == paced["errors"] == 0, paced["errors_by_kind"]
+    assert paced["offered_rps"] == 80.0
+    assert paced["requests"] > 20 and result["rps"] > 0
+    assert 0 < result["p50_ms"] <= result["p99_ms"] <= paced["max_ms"]
+    assert paced["server_cpu_cores"] > 0 and paced["generator_cpu_cores"] > 0
+    saturation = result["saturation"]
+    assert saturation["requests"] > 0 and saturation["errors"] == 0
+    assert result["pass"] is False  # 20 nodes is below the 500 the target is stated for
