@@ -84,9 +84,9 @@ def test_unwritable_path_is_a_one_line_store_error(tmp_path):
     assert "\n" not in str(info.value)
 
 
-def test_postgresql_urls_are_reserved():
+def test_unreachable_postgresql_url_is_a_store_error():
     with pytest.raises(StoreError, match="PostgreSQL"):
-        open_store("postgresql://localhost/db")
+        open_store("postgresql://127.0.0.1:9/db")
 
 
 def test_acquire_renew_deny_release(store, clock):

@@ -9,7 +9,7 @@ Routes:
   POST /v1/controllers/heartbeat   upsert the controller row
   POST /v1/leader/acquire          acquire / renew / deny (rules.py), server clock authoritative
   POST /v1/leader/release          release by the holder of that term
-  GET  /v1/leader                  the lease row, whether it is live, seconds left
+  GET  /v1/leader                  the lease row, live or not, seconds left, parked waiters
   GET  /v1/controllers             the controllers with seconds since their last heartbeat
   GET  /healthz                    liveness of the app and its store; needs no token
 
@@ -18,20 +18,30 @@ token every request is accepted (the server refuses that off loopback). Bodies a
 64 KiB: a larger Content-Length is refused before reading, and reads are capped as well (a
 chunked body has no length up front).
 
-`wait_ms` (SPEC §12) is accepted and, for now, ignored: the answer comes at once, which §12
-allows. Long-poll plugs in at `_acquire_lease`, where a waiter would park on a per-lease event
-woken by release, grant or an expiry timer, then ask the store again.
+Wait-for-lease (SPEC §12): an acquire with `wait_ms` > 0 that finds the lease held by another
+controller is parked in `waiters.LeaseWaiters` until a release or a grant wakes it, the lease
+expires, or `wait_ms` passes; each wake costs one more store transaction, decided by the same
+rules as any acquire. Past `max_waiters` parked requests the answer is 429 `too_many_waiters`.
+`long_poll=False` ignores `wait_ms` (answers at once, as §12 allows), for benchmarks. A store
+with a `watch(callback)` method (one shared by several server processes) gets
+`LeaseWaiters.wake_all` at construction, so a change made by another process wakes our waiters.
+The server finds out whether a parked client is still connected through the accepted socket it
+puts in the environ under `SOCKET_ENVIRON_KEY` (absent: assumed connected).
 
-Logs: lease grants, takeovers after expiry, releases and auth failures at info/warning;
-renewals, denials and each request at debug only, so a steady fleet logs nothing per call.
+Logs: lease grants, takeovers after expiry, releases and auth failures at info/warning, and
+`lease.waiters_full` (a 429) at warning; renewals, denials, each request and each finished wait
+(`lease.wait`: controller_id, end, waited_ms, rechecks) at debug only, so a steady fleet logs
+nothing per call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hmac
 import json
 import re
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -43,9 +53,13 @@ from marshmallow import ValidationError
 from conductord import wire
 from conductord.control_api.rules import AcquireDecision, LeaseRow, ReleaseDecision
 from conductord.control_api.store import ControllerRow, Store, StoreError
+from conductord.control_api.waiters import DEFAULT_MAX_WAITERS, LeaseWaiters, TooManyWaiters
 from conductord.logs import get_logger
 
 MAX_BODY_BYTES = 64 * 1024
+
+# Where the server puts the accepted socket, so a parked request can tell its client left.
+SOCKET_ENVIRON_KEY = "conductord.socket"
 
 StartResponse = Callable[..., Any]
 
@@ -58,6 +72,7 @@ _REASONS = {
     404: "Not Found",
     405: "Method Not Allowed",
     413: "Content Too Large",
+    429: "Too Many Requests",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
@@ -149,12 +164,28 @@ def controller_record(row: ControllerRow, now: float) -> dict[str, Any]:
 
 
 class ControlApiApp:
-    """The WSGI callable. `token=None` disables auth (the server allows that on loopback only)."""
+    """The WSGI callable. `token=None` disables auth (the server allows that on loopback only).
 
-    def __init__(self, store: Store, *, token: str | None = None, log: Any = None) -> None:
+    Must run under gevent (gevent.pywsgi): parked acquires wait on gevent Events.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        token: str | None = None,
+        log: Any = None,
+        long_poll: bool = True,
+        max_waiters: int = DEFAULT_MAX_WAITERS,
+    ) -> None:
         self._store = store
         self._token = token.encode("utf-8") if token else None
         self._log = log if log is not None else get_logger()
+        self.long_poll = long_poll
+        self.waiters = LeaseWaiters(max_waiters=max_waiters, clock=store.now)
+        watch = getattr(store, "watch", None)
+        if watch is not None:
+            watch(self.waiters.wake_all)
         self._routes: dict[str, dict[str, Handler]] = {
             "/healthz": {"GET": self._healthz},
             "/v1/controllers/heartbeat": {"POST": self._heartbeat},
@@ -168,6 +199,10 @@ class ControlApiApp:
         self._heartbeat_schema = wire.HeartbeatRequestSchema()
         self._acquire_schema = wire.AcquireRequestSchema()
         self._release_schema = wire.ReleaseRequestSchema()
+
+    def close(self) -> None:
+        """Answer every parked acquire now and park no more; call before stopping the server."""
+        self.waiters.close()
 
     # -- WSGI ------------------------------------------------------------------------------
 
@@ -296,13 +331,50 @@ class ControlApiApp:
 
     def _acquire(self, request: Request) -> dict[str, Any]:
         body = self._load(request, self._acquire_schema)
-        decision = self._acquire_lease(body)
+        wait_ms = body.get("wait_ms") or 0
+        if wait_ms > 0 and self.long_poll:
+            decision = self._wait_for_lease(body, wait_ms, request)
+        else:
+            decision = self._acquire_lease(body)
         self._log_acquire(decision, request)
         return wire.acquire_result_to_wire(acquire_result(decision))
 
+    def _wait_for_lease(
+        self, body: Mapping[str, Any], wait_ms: int, request: Request
+    ) -> AcquireDecision:
+        try:
+            outcome = self.waiters.wait_for_lease(
+                lambda: self._acquire_lease(body),
+                wait_s=wait_ms / 1000.0,
+                connected=lambda: _client_connected(request.environ),
+            )
+        except TooManyWaiters as exc:
+            self._log.warning(
+                "lease.waiters_full",
+                controller_id=body["controller_id"],
+                max_waiters=exc.max_waiters,
+                request_id=request.request_id,
+            )
+            raise HttpError(
+                429,
+                "too_many_waiters",
+                f"{exc.max_waiters} requests are already waiting for the lease;"
+                " retry later or without wait_ms",
+                details={"max_waiters": exc.max_waiters},
+                headers=[("Retry-After", "1")],
+            ) from None
+        self._log.debug(
+            "lease.wait",
+            controller_id=body["controller_id"],
+            end=outcome.end,
+            waited_ms=round(outcome.waited_s * 1000, 1),
+            rechecks=outcome.rechecks,
+            request_id=request.request_id,
+        )
+        return outcome.decision
+
     def _acquire_lease(self, body: Mapping[str, Any]) -> AcquireDecision:
-        # `wait_ms` is validated by the schema but not honoured yet: answering at once is legal.
-        return self._store.acquire(
+        decision = self._store.acquire(
             controller_id=body["controller_id"],
             host=body["host"],
             ttl_sec=body["ttl_sec"],
@@ -310,11 +382,16 @@ class ControlApiApp:
             metadata_json=body.get("metadata_json"),
             client_now=body.get("now"),
         )
+        if decision.operation == "acquire":
+            # A new holder: parked waiters look again (they park on, now until the new expiry).
+            self.waiters.wake(decision.row.lease_name)
+        return decision
 
     def _release(self, request: Request) -> dict[str, Any]:
         body = self._load(request, self._release_schema)
         decision = self._store.release(controller_id=body["controller_id"], term=body["term"])
         if decision.released and decision.changed and decision.row is not None:
+            self.waiters.wake(decision.row.lease_name)
             self._log.info(
                 "lease.released",
                 holder_id=decision.row.holder_id,
@@ -341,6 +418,7 @@ class ControlApiApp:
             "is_live": live,
             "expires_in_sec": round(row.lease_expires_at - now, 3) if live and row else None,
             "server_time": _wire_time(now),
+            "waiters": self.waiters.parked,
         }
 
     def _controllers(self, request: Request) -> dict[str, Any]:
@@ -387,6 +465,25 @@ def _request_id(environ: Mapping[str, Any]) -> str:
     if given and _REQUEST_ID.fullmatch(given):
         return given
     return uuid.uuid4().hex
+
+
+def _client_connected(environ: Mapping[str, Any]) -> bool:
+    """Whether the client of a parked request still holds its connection open."""
+    sock = environ.get(SOCKET_ENVIRON_KEY)
+    if sock is None:
+        return True
+    timeout = sock.gettimeout()
+    try:
+        # Peek without blocking: b"" means the peer closed; no data yet means still there.
+        sock.settimeout(0.0)
+        return sock.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(timeout)
 
 
 def _read_json(environ: Mapping[str, Any]) -> Any:

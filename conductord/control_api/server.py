@@ -1,7 +1,8 @@
 """`conductord control-api`: run the reference Control API on gevent.pywsgi (SPEC §9).
 
 Settings: `--listen HOST:PORT` (`BAA_CONTROL_API_LISTEN`, default 127.0.0.1:8787), `--db PATH`
-(`BAA_CONTROL_API_DB`, default ./conductord-control.sqlite3), `--shared-token` /
+(`BAA_CONTROL_API_DB`, default ./conductord-control.sqlite3; a `postgresql://` URL selects the
+PostgreSQL store, whose password is masked in every message), `--shared-token` /
 `--shared-token-file` (`BAA_SHARED_TOKEN` / `BAA_SHARED_TOKEN_FILE`), `--log-level`
 (`BAA_LOG_LEVEL`). Flags beat the environment; an empty or blank value counts as unset.
 
@@ -14,6 +15,13 @@ requests get a short grace period, then the database is closed, exit 0.
 The process entry point monkey-patches; this module does not. Every accepted socket gets
 TCP_NODELAY: gevent.pywsgi sends headers and body in two writes, and with Nagle's algorithm
 a keep-alive client would wait ~40 ms (its delayed ACK) for every answer.
+
+Wait-for-lease (SPEC §12): `--max-waiters N` (`BAA_CONTROL_API_MAX_WAITERS`, default 1000)
+caps parked acquires (429 past it); `--no-long-poll` (`BAA_CONTROL_API_LONG_POLL=0`) ignores
+`wait_ms` and answers at once, so benchmarks can compare polling and long-poll on one build.
+On stop, parked acquires are answered at once before the grace period starts. Each request's
+environ carries its accepted socket (`app.SOCKET_ENVIRON_KEY`) so a parked request can tell
+that its client has left.
 
 Limits: TLS belongs to a reverse proxy. Malformed HTTP (a broken request line, say) is answered
 by gevent.pywsgi itself before the app runs, as plain text.
@@ -33,12 +41,19 @@ from typing import Any
 
 import gevent
 from gevent.event import Event
-from gevent.pywsgi import WSGIServer
+from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from conductord.argparsing import ArgumentParser, UsageError, fail
 from conductord.config import PLACEHOLDER_TOKEN, is_loopback_host, resolve_shared_token
-from conductord.control_api.app import ControlApiApp
-from conductord.control_api.store import Store, StoreError, open_store
+from conductord.control_api.app import SOCKET_ENVIRON_KEY, ControlApiApp
+from conductord.control_api.store import (
+    Store,
+    StoreError,
+    describe_db,
+    dsn_secrets,
+    open_store,
+)
+from conductord.control_api.waiters import DEFAULT_MAX_WAITERS
 from conductord.logs import LEVELS, configure
 
 DEFAULT_LISTEN = "127.0.0.1:8787"
@@ -48,13 +63,18 @@ STOP_GRACE_SEC = 1.0  # answers take milliseconds; idle keep-alive peers need no
 USAGE = """\
 usage: conductord control-api [--listen HOST:PORT] [--db PATH]
                               [--shared-token T | --shared-token-file F] [--log-level LEVEL]
+                              [--max-waiters N] [--no-long-poll]
 
 Run the reference Control API (SQLite, WAL). Precedence: default < environment < flag.
   --listen HOST:PORT         BAA_CONTROL_API_LISTEN   default 127.0.0.1:8787
   --db PATH                  BAA_CONTROL_API_DB       default ./conductord-control.sqlite3
+                             or postgresql://USER@HOST:PORT/DB (needs conductord[postgres];
+                             keep the password in PGPASSWORD or ~/.pgpass, not in argv)
   --shared-token T           BAA_SHARED_TOKEN         bearer token clients must send
   --shared-token-file F      BAA_SHARED_TOKEN_FILE    file holding the token (stripped)
   --log-level LEVEL          BAA_LOG_LEVEL            debug, info, warning, error (info)
+  --max-waiters N            BAA_CONTROL_API_MAX_WAITERS  parked wait_ms acquires (1000)
+  --no-long-poll             BAA_CONTROL_API_LONG_POLL=0  ignore wait_ms, answer at once
 Without a token the server accepts any request, and it refuses a non-loopback --listen.
 SIGTERM or SIGINT stops it (exit 0); a configuration error exits 2."""
 
@@ -73,6 +93,8 @@ class ServerSettings:
     token: str | None = field(default=None, repr=False)
     token_file: str | None = None
     log_level: str = "info"
+    max_waiters: int = DEFAULT_MAX_WAITERS
+    long_poll: bool = True
 
     @property
     def loopback(self) -> bool:
@@ -127,6 +149,8 @@ def resolve_settings(args: Any, env: Mapping[str, str]) -> ServerSettings:
         problems.append(
             f'--log-level / BAA_LOG_LEVEL must be one of {", ".join(LEVELS)} (got "{log_level}")'
         )
+    max_waiters = _max_waiters(args, env, problems)
+    long_poll = _long_poll(args, env, problems)
     if not problems and not token and not is_loopback_host(host):
         problems.append(
             f"refusing to listen on non-loopback address {host} without a shared token"
@@ -134,7 +158,36 @@ def resolve_settings(args: Any, env: Mapping[str, str]) -> ServerSettings:
         )
     if problems:
         raise _ConfigProblems(problems)
-    return ServerSettings(host, port, db, token, token_file, log_level)
+    return ServerSettings(
+        host, port, db, token, token_file, log_level, max_waiters=max_waiters, long_poll=long_poll
+    )
+
+
+def _max_waiters(args: Any, env: Mapping[str, str], problems: list[str]) -> int:
+    text = _given(args.max_waiters) or _given(env.get("BAA_CONTROL_API_MAX_WAITERS"))
+    if text is None:
+        return DEFAULT_MAX_WAITERS
+    if len(text) <= 9 and text.isascii() and text.isdigit() and int(text) >= 1:
+        return int(text)
+    problems.append(
+        f'--max-waiters / BAA_CONTROL_API_MAX_WAITERS must be an integer >= 1 (got "{text}")'
+    )
+    return DEFAULT_MAX_WAITERS
+
+
+def _long_poll(args: Any, env: Mapping[str, str], problems: list[str]) -> bool:
+    if args.no_long_poll:
+        return False
+    text = (_given(env.get("BAA_CONTROL_API_LONG_POLL")) or "1").lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    problems.append(
+        "--no-long-poll / BAA_CONTROL_API_LONG_POLL must be one of 1/0, true/false, yes/no,"
+        f' on/off (got "{text}")'
+    )
+    return True
 
 
 def settings_warnings(settings: ServerSettings) -> list[str]:
@@ -160,8 +213,19 @@ def settings_warnings(settings: ServerSettings) -> list[str]:
     return warnings
 
 
+class _SocketInEnvironHandler(WSGIHandler):
+    """Puts the accepted socket in the environ: a parked acquire peeks at it (app.py)."""
+
+    def get_environ(self) -> dict[str, Any]:
+        environ = super().get_environ()
+        environ[SOCKET_ENVIRON_KEY] = self.socket
+        return environ
+
+
 class NoDelayWSGIServer(WSGIServer):
     """gevent.pywsgi server that disables Nagle's algorithm on every accepted socket."""
+
+    handler_class = _SocketInEnvironHandler
 
     def handle(self, sock: Any, address: Any) -> None:
         # `handle` runs for every connection (`wrap_socket_and_handle` only with TLS). Not
@@ -198,6 +262,8 @@ def _parser() -> ArgumentParser:
     parser.add_argument("--shared-token")
     parser.add_argument("--shared-token-file")
     parser.add_argument("--log-level")
+    parser.add_argument("--max-waiters")
+    parser.add_argument("--no-long-poll", action="store_true")
     return parser
 
 
@@ -220,7 +286,7 @@ def main(argv: list[str], env: Mapping[str, str]) -> int:
 
     log = configure(
         level=settings.log_level,
-        secrets=[settings.token] if settings.token else (),
+        secrets=[*([settings.token] if settings.token else ()), *dsn_secrets(settings.db)],
         service="control-api",
     )
     try:
@@ -234,7 +300,13 @@ def main(argv: list[str], env: Mapping[str, str]) -> int:
 
 
 def _serve(settings: ServerSettings, store: Store, log: Any) -> int:
-    app = ControlApiApp(store, token=settings.token, log=log)
+    app = ControlApiApp(
+        store,
+        token=settings.token,
+        log=log,
+        long_poll=settings.long_poll,
+        max_waiters=settings.max_waiters,
+    )
     server = NoDelayWSGIServer(
         (settings.host, settings.port),
         app,
@@ -262,12 +334,15 @@ def _serve(settings: ServerSettings, store: Store, log: Any) -> int:
             host=host,
             port=port,
             url=f"http://{url_host}:{port}",
-            db=os.path.abspath(settings.db),
+            db=describe_db(settings.db),  # a PostgreSQL URL's password masked
             auth=bool(settings.token),
+            long_poll=settings.long_poll,
+            max_waiters=settings.max_waiters,
             pid=os.getpid(),
         )
         stop.wait()
         log.info("control_api.stopping")
+        app.close()  # parked acquires answer now instead of being cut off after the grace
         server.stop(timeout=STOP_GRACE_SEC)
     except Exception:
         log.exception("control_api.crashed")

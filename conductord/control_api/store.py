@@ -1,10 +1,11 @@
 """Storage of the reference Control API: a small interface and its SQLite implementation.
 
-The app talks to a `Store` only (acquire, release, heartbeat, leader, controllers, close), so a
-PostgreSQL store (`--db postgresql://…`) can be added beside `SqliteStore` and chosen by
-`open_store()` without touching the app. Lease decisions come from `rules.py`; a store only
-reads the row, asks the rules, and writes the result inside one transaction, reading the
-server clock after it holds the write lock, so that a decision never rests on a stale reading.
+The app talks to a `Store` only (acquire, release, heartbeat, leader, controllers, close), so
+the PostgreSQL store (`store_postgres.py`, `--db postgresql://…`, an optional extra) sits beside
+`SqliteStore` and `open_store()` picks one by the `--db` value. Lease decisions come from
+`rules.py`; a store only reads the row, asks the rules, and writes the result inside one
+transaction, reading the server clock after it holds the write lock, so that a decision never
+rests on a stale reading.
 
 SQLite specifics:
 - WAL journal with `synchronous=NORMAL`: a commit is in the WAL (the OS page cache) before it
@@ -25,6 +26,7 @@ SQLite specifics:
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -32,6 +34,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from conductord.control_api.rules import (
     LEASE_NAME,
@@ -71,7 +74,13 @@ class ControllerRow:
 
 
 class Store(Protocol):
-    """What the Control API app needs from storage. Implementations are safe to share."""
+    """What the Control API app needs from storage. Implementations are safe to share.
+
+    Optional: `watch(callback: Callable[[], None]) -> None`, for a store shared by several
+    server processes; it calls `callback` (from a greenlet) whenever another process changed
+    the lease, so parked wait-for-lease requests look again (SPEC §12). SqliteStore has none:
+    one process, whose own releases and grants wake its waiters.
+    """
 
     def acquire(
         self,
@@ -108,11 +117,54 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
 def open_store(db: str, *, clock: Clock = time.time) -> Store:
-    """Open the store named by `--db`: a SQLite file path (a PostgreSQL URL is reserved)."""
-    if db.startswith(("postgresql://", "postgres://")):
-        raise StoreError("PostgreSQL databases are not supported yet; give a SQLite file path")
+    """Open the store named by `--db`: a PostgreSQL URL, else a SQLite file path.
+
+    PostgreSQL keeps its own clock as the authority, so `clock` applies to SQLite only.
+    """
+    if db.startswith(POSTGRES_SCHEMES):
+        try:
+            # Imported here, after the entry point's monkey-patching (psycopg picks its
+            # gevent-aware wait at import), and only when asked for (an optional extra).
+            from conductord.control_api.store_postgres import PostgresStore
+        except ModuleNotFoundError as exc:
+            if exc.name not in ("psycopg", "psycopg_pool"):
+                raise
+            raise StoreError(
+                "PostgreSQL support is not installed: pip install 'conductord[postgres]'"
+            ) from None
+        return PostgresStore(db)
     return SqliteStore(db, clock=clock)
+
+
+def describe_db(db: str) -> str:
+    """`--db` fit for logs and errors: a path made absolute, a URL with its password masked."""
+    if not db.startswith(POSTGRES_SCHEMES):
+        return os.path.abspath(db)
+    parts = urlsplit(db)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hosts = netloc.rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        netloc = f"{user}:***@{hosts}" if colon else f"{user}@{hosts}"
+    query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def dsn_secrets(db: str) -> list[str]:
+    """The password(s) inside a PostgreSQL URL, as written and decoded, for log redaction."""
+    if not db.startswith(POSTGRES_SCHEMES):
+        return []
+    parts = urlsplit(db)
+    found = []
+    userinfo, at, _hosts = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        found.append(userinfo.partition(":")[2])
+    found += re.findall(r"(?:^|&)password=([^&]*)", parts.query)
+    return sorted({form for raw in found if raw for form in (raw, unquote(raw))}, key=len)[::-1]
 
 
 _MIGRATIONS: dict[int, tuple[str, ...]] = {

@@ -1,0 +1,480 @@
+"""PostgreSQL store of the reference Control API (SPEC §9): several servers, one database.
+
+`--db postgresql://…` selects it (`open_store`). Several Control API processes on different
+machines, behind a load balancer, share one database and so one lease. The `Store` contract is
+the SQLite store's, and so are the guarantees: never two holders of one term, terms only grow.
+
+Design:
+- Lease decisions come from `rules.py`. An acquire is one transaction that locks the lease row
+  (`SELECT … FOR UPDATE`; a placeholder row is inserted with `ON CONFLICT DO NOTHING` the first
+  time, so even the very first acquirers serialise on a row), THEN reads the database clock
+  (`clock_timestamp()`, after the lock: a decision never rests on a reading taken before a
+  wait), asks the rules and writes the result, refusing to lower a term. Release likewise.
+- The DATABASE clock is the authority, so that servers on different machines agree whatever
+  their own clocks say. `now()` is that clock as last read (every transaction reads it; a
+  reading older than `CLOCK_REFRESH_SEC` is refreshed by a query) carried forward by this
+  machine's monotonic clock, which drifts by parts per million between readings.
+- A placeholder row (term 0) stands for "no lease yet"; the rules see `None` for it.
+- Connections come from a psycopg_pool pool (checked on checkout, so a database restart costs
+  no failed request once it is back). Sessions get a `statement_timeout` (a request never hangs
+  on the database) and an `idle_in_transaction_session_timeout` (a frozen server process cannot
+  hold the lease row lock for the whole fleet).
+- Schema: a `schema_version` table; migrations run on open under an advisory lock (several
+  servers may start at once) and a newer schema than this code knows is refused.
+- Errors: every psycopg failure becomes a one-line `StoreError` (the app answers 503, the
+  server exits 2 at start); the DSN's password is masked in every message.
+- Cross-process wake (SPEC §12): acquire and release `NOTIFY conductord_lease` in their
+  transaction when the holder changes (grant, takeover, release; not renewals), delivered at
+  commit. `watch(callback)` runs one LISTEN connection in a greenlet and calls every callback
+  on each notification (our own included: harmless) and after every (re)connect, since
+  notifications sent while it was not listening are lost.
+
+gevent: psycopg >= 3.1.14 notices a monkey-patched `select` when it is imported and then waits
+on sockets through it, so a slow query parks only its own greenlet. This module must therefore
+be imported after `monkey.patch_all()` (the CLI imports it lazily, after patching). The LISTEN
+greenlet waits with `gevent.socket.wait_read`, which cooperates with or without patching.
+
+Limits: NOTIFY is per database, so servers using different schemas of one database wake each
+other's waiters needlessly (harmless: a wake is only a hint). `watch()` must be called from the
+gevent hub's thread, and so must `close()` when a watcher runs. Each process holds up to
+`max_size` + 1 connections.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import gevent
+import psycopg
+from gevent.event import Event
+from gevent.socket import wait_read
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from conductord.control_api.rules import (
+    LEASE_NAME,
+    AcquireDecision,
+    LeaseRow,
+    ReleaseDecision,
+    decide_acquire,
+    decide_release,
+)
+from conductord.control_api.store import ControllerRow, StoreError, describe_db, dsn_secrets
+from conductord.logs import get_logger
+
+SCHEMA_VERSION = 1
+NOTIFY_CHANNEL = "conductord_lease"
+CLOCK_REFRESH_SEC = 5.0
+
+# Key of the transaction-scoped advisory lock that serialises migrations (any constant works;
+# this one spells "cndctrd" in ASCII).
+_MIGRATION_LOCK_KEY = 0x636E6463747264
+
+# Connection defaults; anything the DSN itself sets wins. TCP keepalives and a user timeout
+# make a vanished database server an error within seconds instead of a hang.
+_CONNECT_DEFAULTS = {
+    "connect_timeout": "5",
+    "application_name": "conductord-control-api",
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "15000",
+}
+
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """
+        CREATE TABLE leases (
+            lease_name text PRIMARY KEY,
+            holder_id text NOT NULL,
+            holder_host text NOT NULL,
+            term bigint NOT NULL CHECK (term >= 0),
+            lease_expires_at double precision NOT NULL,
+            renewed_at double precision NOT NULL,
+            preferred_holder_id text,
+            metadata_json text,
+            released boolean NOT NULL DEFAULT false,
+            last_client_now double precision,
+            updated_at double precision NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE controllers (
+            controller_id text PRIMARY KEY,
+            host text NOT NULL,
+            role text,
+            priority integer,
+            status text,
+            version text,
+            heartbeat_at bigint,
+            started_at bigint,
+            first_seen_at double precision NOT NULL,
+            last_seen_at double precision NOT NULL
+        )
+        """,
+    ),
+}
+
+_CLOCK = "extract(epoch FROM clock_timestamp())::float8"
+_LEASE_COLUMNS = (
+    "lease_name, holder_id, holder_host, term, lease_expires_at, renewed_at, "
+    "preferred_holder_id, metadata_json, released"
+)
+_CONTROLLER_COLUMNS = (
+    "controller_id, host, role, priority, status, version, heartbeat_at, started_at, "
+    "first_seen_at, last_seen_at"
+)
+_LOCK_LEASE = f"SELECT {_LEASE_COLUMNS} FROM leases WHERE lease_name = %s FOR UPDATE"
+_INSERT_PLACEHOLDER = f"""
+    INSERT INTO leases ({_LEASE_COLUMNS}, updated_at)
+    VALUES (%s, '', '', 0, 0, 0, NULL, NULL, true, {_CLOCK})
+    ON CONFLICT (lease_name) DO NOTHING
+"""
+_UPDATE_LEASE = f"""
+    UPDATE leases SET
+        holder_id = %(holder_id)s, holder_host = %(holder_host)s, term = %(term)s,
+        lease_expires_at = %(lease_expires_at)s, renewed_at = %(renewed_at)s,
+        preferred_holder_id = %(preferred_holder_id)s, metadata_json = %(metadata_json)s,
+        released = %(released)s,
+        last_client_now = coalesce(%(client_now)s, last_client_now),
+        updated_at = {_CLOCK}
+    WHERE lease_name = %(lease_name)s AND term <= %(term)s
+"""
+_UPSERT_CONTROLLER = f"""
+    INSERT INTO controllers ({_CONTROLLER_COLUMNS})
+    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, {_CLOCK}, {_CLOCK})
+    ON CONFLICT (controller_id) DO UPDATE SET
+        host = excluded.host, role = excluded.role, priority = excluded.priority,
+        status = excluded.status, version = excluded.version,
+        heartbeat_at = excluded.heartbeat_at, started_at = excluded.started_at,
+        last_seen_at = excluded.last_seen_at
+    RETURNING {_CONTROLLER_COLUMNS}
+"""
+
+Callback = Callable[[], None]
+
+
+def _lease_from_row(values: tuple | None) -> LeaseRow | None:
+    # The placeholder (term 0) means "never granted": the rules must see no lease at all.
+    if values is None or values[3] == 0:
+        return None
+    return LeaseRow(*values)
+
+
+class PostgresStore:
+    """The PostgreSQL store; safe to share between greenlets and threads."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        pool_timeout: float = 3.0,
+        statement_timeout_ms: int = 5000,
+        idle_in_transaction_timeout_ms: int = 10000,
+        log: Any = None,
+    ) -> None:
+        self.display = describe_db(dsn)
+        self._secrets = dsn_secrets(dsn)
+        self._log = log if log is not None else get_logger()
+        self._pool_timeout = pool_timeout
+        self._session_settings = (
+            f"SET statement_timeout = {int(statement_timeout_ms)};"
+            f" SET idle_in_transaction_session_timeout = {int(idle_in_transaction_timeout_ms)}"
+        )
+        self._closed = False
+        self._clock_reading: tuple[float, float] | None = None  # (db seconds, local monotonic)
+        self._callbacks: list[Callback] = []
+        self._watch_lock = threading.Lock()
+        self._listener: gevent.Greenlet | None = None
+        self._stop_listening = Event()
+        try:
+            given = conninfo_to_dict(dsn)
+        except psycopg.Error as exc:
+            raise StoreError(f"invalid PostgreSQL URL {self.display}: {self._clean(exc)}") from None
+        extra = {key: value for key, value in _CONNECT_DEFAULTS.items() if key not in given}
+        self._conninfo = make_conninfo(dsn, **extra)
+
+        # One direct connection first: it migrates the schema, and if the database is
+        # unreachable its error (not a pool timeout) is what the operator reads.
+        try:
+            with psycopg.connect(self._conninfo, autocommit=True) as conn:
+                self._migrate(conn)
+        except psycopg.Error as exc:
+            raise StoreError(
+                f"cannot open PostgreSQL database {self.display}: {self._clean(exc)}"
+            ) from None
+
+        self._pool = ConnectionPool(
+            self._conninfo,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=pool_timeout,
+            kwargs={"autocommit": True},
+            configure=self._configure,
+            check=ConnectionPool.check_connection,
+            name="conductord-control-api",
+            open=False,
+        )
+        self._pool.open(wait=False)
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _clean(self, exc: BaseException) -> str:
+        """One line, password masked: libpq messages span lines and may echo the DSN."""
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _configure(self, conn: psycopg.Connection) -> None:
+        conn.execute(self._session_settings)
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection]:
+        if self._closed:
+            raise StoreError("store is closed")
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except PoolTimeout:
+            raise StoreError(
+                f"database {self.display}: no connection within {self._pool_timeout:g} s"
+            ) from None
+        except psycopg.Error as exc:
+            raise StoreError(f"database {self.display}: {self._clean(exc)}") from None
+
+    def _db_now(self, conn: psycopg.Connection) -> float:
+        now = conn.execute(f"SELECT {_CLOCK}").fetchone()[0]
+        self._clock_reading = (now, time.monotonic())
+        return now
+
+    def _migrate(self, conn: psycopg.Connection) -> None:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version ("
+                " version integer PRIMARY KEY, migrated_at double precision NOT NULL)"
+            )
+            version = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version")
+            current = version.fetchone()[0]
+            if current > SCHEMA_VERSION:
+                raise StoreError(
+                    f"database {self.display} has schema version {current}; "
+                    f"this conductord knows up to {SCHEMA_VERSION}"
+                )
+            for step in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[step]:
+                    conn.execute(statement)
+                conn.execute(
+                    f"INSERT INTO schema_version (version, migrated_at) VALUES (%s, {_CLOCK})",
+                    (step,),
+                )
+
+    @property
+    def schema_version(self) -> int:
+        with self._connection() as conn:
+            return conn.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+
+    # -- the Store interface ---------------------------------------------------------------
+
+    def now(self) -> float:
+        reading = self._clock_reading
+        if reading is not None and time.monotonic() - reading[1] < CLOCK_REFRESH_SEC:
+            return reading[0] + (time.monotonic() - reading[1])
+        with self._connection() as conn:
+            return self._db_now(conn)
+
+    def acquire(
+        self,
+        *,
+        controller_id: str,
+        host: str,
+        ttl_sec: int,
+        preferred: bool,
+        metadata_json: str | None = None,
+        client_now: float | None = None,
+        lease_name: str = LEASE_NAME,
+    ) -> AcquireDecision:
+        with self._connection() as conn, conn.transaction():
+            values = conn.execute(_LOCK_LEASE, (lease_name,)).fetchone()
+            if values is None:
+                # First acquire ever: create the row to lock. A concurrent first acquirer
+                # waits on our insert, does nothing, and then waits on our row lock.
+                conn.execute(_INSERT_PLACEHOLDER, (lease_name,))
+                values = conn.execute(_LOCK_LEASE, (lease_name,)).fetchone()
+            decision = decide_acquire(
+                _lease_from_row(values),
+                controller_id=controller_id,
+                host=host,
+                ttl_sec=ttl_sec,
+                preferred=preferred,
+                metadata_json=metadata_json,
+                now=self._db_now(conn),
+                lease_name=lease_name,
+            )
+            if decision.changed:
+                # The client's clock is kept for diagnosis only; it decides nothing.
+                recorded = client_now if decision.is_leader else None
+                self._write_lease(conn, decision.row, client_now=recorded)
+                if decision.operation == "acquire":
+                    self._notify(conn, lease_name)
+            return decision
+
+    def release(
+        self, *, controller_id: str, term: int, lease_name: str = LEASE_NAME
+    ) -> ReleaseDecision:
+        with self._connection() as conn, conn.transaction():
+            values = conn.execute(_LOCK_LEASE, (lease_name,)).fetchone()
+            decision = decide_release(
+                _lease_from_row(values),
+                controller_id=controller_id,
+                term=term,
+                now=self._db_now(conn),
+            )
+            if decision.changed and decision.row is not None:
+                self._write_lease(conn, decision.row, client_now=None)
+                self._notify(conn, lease_name)
+            return decision
+
+    def heartbeat(
+        self,
+        *,
+        controller_id: str,
+        host: str,
+        role: str | None = None,
+        priority: int | None = None,
+        status: str | None = None,
+        version: str | None = None,
+        heartbeat_at: int | None = None,
+        started_at: int | None = None,
+    ) -> ControllerRow:
+        with self._connection() as conn:
+            values = conn.execute(
+                _UPSERT_CONTROLLER,
+                (
+                    controller_id,
+                    host,
+                    role,
+                    priority,
+                    status,
+                    version,
+                    heartbeat_at,
+                    started_at,
+                ),
+            ).fetchone()
+        row = ControllerRow(*values)
+        self._clock_reading = (row.last_seen_at, time.monotonic())
+        return row
+
+    def leader(self, lease_name: str = LEASE_NAME) -> LeaseRow | None:
+        with self._connection() as conn:
+            values = conn.execute(
+                f"SELECT {_LEASE_COLUMNS} FROM leases WHERE lease_name = %s", (lease_name,)
+            ).fetchone()
+        return _lease_from_row(values)
+
+    def controllers(self) -> list[ControllerRow]:
+        with self._connection() as conn:
+            rows = conn.execute(
+                f"SELECT {_CONTROLLER_COLUMNS} FROM controllers ORDER BY controller_id"
+            ).fetchall()
+        return [ControllerRow(*values) for values in rows]
+
+    def watch(self, callback: Callback) -> None:
+        """Call `callback()` whenever any server changes the lease holder (see module doc)."""
+        with self._watch_lock:
+            if self._closed:
+                raise StoreError("store is closed")
+            self._callbacks.append(callback)
+            if self._listener is None:
+                self._listener = gevent.spawn(self._listen)
+
+    def close(self) -> None:
+        with self._watch_lock:
+            if self._closed:
+                return
+            self._closed = True
+            listener, self._listener = self._listener, None
+        self._stop_listening.set()
+        if listener is not None:
+            listener.kill(block=True, timeout=2)
+        self._pool.close(timeout=2)
+
+    # -- rows and notifications ------------------------------------------------------------
+
+    @staticmethod
+    def _write_lease(conn: psycopg.Connection, row: LeaseRow, *, client_now: float | None) -> None:
+        cursor = conn.execute(
+            _UPDATE_LEASE,
+            {
+                "lease_name": row.lease_name,
+                "holder_id": row.holder_id,
+                "holder_host": row.holder_host,
+                "term": row.term,
+                "lease_expires_at": row.lease_expires_at,
+                "renewed_at": row.renewed_at,
+                "preferred_holder_id": row.preferred_holder_id,
+                "metadata_json": row.metadata_json,
+                "released": row.released,
+                "client_now": client_now,
+            },
+        )
+        if cursor.rowcount != 1:
+            # Belt and braces: the rules never lower a term; refuse to store one that would.
+            raise StoreError(f"refused to lower the term of lease {row.lease_name!r}")
+
+    @staticmethod
+    def _notify(conn: psycopg.Connection, lease_name: str) -> None:
+        # Delivered to every listener when this transaction commits, never before.
+        conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, lease_name))
+
+    def _fire(self) -> None:
+        for callback in list(self._callbacks):
+            try:
+                callback()
+            except Exception:
+                self._log.exception("store.watch_callback_failed")
+
+    def _listen(self) -> None:
+        """The LISTEN loop: reconnects with backoff until `close()`."""
+        backoff, failing = 0.1, False
+        while not self._stop_listening.is_set():
+            try:
+                conn = psycopg.connect(self._conninfo, autocommit=True)
+            except psycopg.Error as exc:
+                if not failing:
+                    self._log.warning(
+                        "store.listen_failed", db=self.display, error=self._clean(exc)
+                    )
+                failing = True
+                self._stop_listening.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            try:
+                conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                if failing:
+                    self._log.info("store.listen_recovered", db=self.display)
+                backoff, failing = 0.1, False
+                self._fire()  # whatever changed while we were not listening
+                while not self._stop_listening.is_set():
+                    wait_read(conn.fileno())
+                    # timeout=0: drain what has arrived without blocking the hub.
+                    # (Exhaust the generator: it holds the connection lock while suspended.)
+                    if sum(1 for _ in conn.notifies(timeout=0)):
+                        self._fire()
+            except (psycopg.Error, OSError) as exc:
+                if not self._stop_listening.is_set():
+                    self._log.warning(
+                        "store.listen_failed", db=self.display, error=self._clean(exc)
+                    )
+                    failing = True
+                    self._stop_listening.wait(backoff)
+            finally:
+                conn.close()
