@@ -351,28 +351,42 @@ class Runtime:
         # A standby may long-poll (SPEC §12); a leader, or a node renewing a grant it could
         # not use, never waits.
         long_poll = wait and m.state is not LeaseState.LEADER and not m.needs_prompt_renew()
-        self._long_polled = long_poll
         sent_at = self.clock()
         try:
-            result = self.client.acquire_leader_lease(
-                controller_id=cfg.node_id,
-                host=cfg.host,
-                ttl_sec=cfg.lease_ttl_sec,
-                preferred=cfg.preferred,
-                now=int(self.wall()),
-                wait_ms=cfg.lease_renew_interval_ms if long_poll else None,
-            )
+            try:
+                result = self._acquire(cfg.lease_renew_interval_ms if long_poll else None)
+            except ControlApiError as exc:
+                if not (long_poll and exc.status == 429):
+                    raise
+                # The server has no room to park us: ask once more without waiting, so a
+                # full waiter list never degrades a healthy standby.
+                long_poll = False
+                sent_at = self.clock()
+                result = self._acquire(None)
         except ControlApiError as exc:
             error = str(exc)
             self.renew_failures_total += 1
             self._renew_streak.failed(error)
             self._apply(m.lease_failed(error, now=self.clock()))
             return error
+        finally:
+            self._long_polled = long_poll
         self._renew_streak.succeeded()
         self.last_renew_at = self.wall()
         self._apply(m.lease_succeeded(result, sent_at=sent_at, now=self.clock()))
         self._arm_deadline()
         return None
+
+    def _acquire(self, wait_ms: int | None) -> Any:
+        cfg = self.config
+        return self.client.acquire_leader_lease(
+            controller_id=cfg.node_id,
+            host=cfg.host,
+            ttl_sec=cfg.lease_ttl_sec,
+            preferred=cfg.preferred,
+            now=int(self.wall()),
+            wait_ms=wait_ms,
+        )
 
     # -- machinery -------------------------------------------------------------
 

@@ -333,3 +333,32 @@ def test_diagnostics_script_reports_each_step(fake):
     assert human.returncode == 0
     assert "1. register-controller" in human.stdout
     assert "verdict: healthy: leader of term" in human.stdout
+
+
+def test_a_full_waiter_list_never_degrades_a_standby(fake):
+    fake.mode = "other"
+    answer = fake._acquire
+
+    def no_room_to_park(rec):
+        if rec.json.get("wait_ms"):
+            return Reply(
+                status=429,
+                body={
+                    "ok": False,
+                    "request_id": "r",
+                    "error": "too_many_waiters",
+                    "message": "too many parked requests",
+                },
+            )
+        return answer(rec)
+
+    fake.server.handler("/v1/leader/acquire", no_room_to_park)
+    with DaemonProcess(node_args(fake.server, **{"--renew-failure-threshold": "1"})) as daemon:
+        daemon.wait_event("conductor.started")
+        refused = lambda: sum(  # noqa: E731
+            1 for r in fake.server.requests if r.json and r.json.get("wait_ms")
+        )
+        assert fake.server.wait_for(lambda: refused() >= 3, 10)
+        assert not daemon.named("lease.renew_failed")
+        assert not daemon.named("lease.transition")  # standby throughout
+        assert stop_and_check(daemon) == 0
