@@ -425,7 +425,10 @@ class Runtime:
         return greenlet is not None and not greenlet.dead
 
     def _on_loop_crash(self, greenlet: gevent.Greenlet) -> None:
-        exc = greenlet.exception
+        self.crash(greenlet.exception)
+
+    def crash(self, exc: BaseException) -> None:
+        """A bug surfaced (a loop or the start sequence raised): log it and stop the daemon."""
         self.crashed = exc
         self.log.error(
             "conductor.crashed",
@@ -510,11 +513,7 @@ def run_start(config: Config, *, run_once: bool) -> int:
     )
     runtime = Runtime(config, log=log)
     install_signal_handlers(runtime)
-    try:
-        return _run(runtime, run_once=run_once)
-    except Exception as exc:  # a bug, not an operator error: say so in one line and exit 1
-        log.error("conductor.crashed", error=f"{type(exc).__name__}: {exc}")
-        return EXIT_FAILURE
+    return _run(runtime, run_once=run_once)
 
 
 def _run(runtime: Runtime, *, run_once: bool) -> int:
@@ -541,24 +540,30 @@ def _run(runtime: Runtime, *, run_once: bool) -> int:
 def _serve(runtime: Runtime, *, run_once: bool) -> int:
     log = runtime.log
     log.info("conductor.starting", snapshot=runtime.snapshot())
+    document: dict[str, Any] | None = None
+    try:
+        starter = gevent.spawn(runtime.start, loops=not run_once)
+        gevent.wait([starter, runtime.stop_requested], count=1)
+        if not starter.dead:  # a signal arrived during the start sequence
+            starter.kill(block=True, timeout=1.0)
+        elif starter.exception is not None:
+            runtime.crash(starter.exception)
+        else:
+            log.info("conductor.started", snapshot=runtime.snapshot())
+        if run_once:
+            document = runtime.snapshot()  # the state the node reached, before stopping
+        else:
+            runtime.stop_requested.wait()
+    except Exception as exc:  # a bug, not an operator error: one log line, exit 1
+        runtime.crash(exc)
+    finally:
+        runtime.stop()  # idempotent; releases a held lease whatever happened above
 
-    starter = gevent.spawn(runtime.start, loops=not run_once)
-    gevent.wait([starter, runtime.stop_requested], count=1)
-    if not starter.dead:  # a signal arrived during the start sequence
-        starter.kill(block=True, timeout=1.0)
-    elif starter.exception is not None:
-        raise starter.exception
-    else:
-        log.info("conductor.started", snapshot=runtime.snapshot())
-
-    if run_once:
-        document = runtime.snapshot()
-        runtime.stop()
+    if runtime.crashed is not None:
+        return EXIT_FAILURE
+    if document is not None:
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
         sys.stdout.flush()
         degraded = document["daemon"]["lease_state"] == str(LeaseState.DEGRADED)
         return EXIT_DEGRADED if degraded else EXIT_OK
-
-    runtime.stop_requested.wait()
-    runtime.stop()
-    return EXIT_FAILURE if runtime.crashed is not None else EXIT_OK
+    return EXIT_OK

@@ -178,3 +178,21 @@ def test_pacing_reparks_at_once_after_a_full_long_poll_and_never_spins():
     assert 0.4 <= runtime._pace("lease", 1.0, elapsed=0.5) <= 0.6
     assert runtime._pace("lease", 1.0, elapsed=2.0) < 0  # overran: start at once
     assert 0.9 <= runtime._pace("heartbeat", 1.0, elapsed=0.0) <= 1.1
+
+
+def test_a_failing_start_step_is_a_loud_crash_that_still_releases_the_lease():
+    from conductord import runtime as runtime_module
+
+    client, log = FakeClient(), RecordingLog()
+    config = make_runtime(client, log).config
+
+    def broken_load_runs() -> str:
+        raise OSError("runs dir on a dead disk")
+
+    runtime = Runtime(config, client=client, log=log, load_runs=broken_load_runs)
+    assert runtime_module._serve(runtime, run_once=False) == 1
+    events = log.events()
+    assert events.index("conductor.crashed") < events.index("conductor.stopping")
+    assert events[-1] == "conductor.stopped"
+    assert "conductor.started" not in events
+    assert client.releases == [("n1", 4)]  # the lease it took in step 2 was handed back
