@@ -123,6 +123,7 @@ class LeaseMachine:
         self.last_error: str | None = None
         self.valid_until: float | None = None  # monotonic; set only while we hold the lease
         self.held_term: int | None = None  # a term we were granted and never saw end
+        self._renew_at_once = False  # set by a grant we could not use; one retry only
         self.stopping = False
 
     # -- queries ---------------------------------------------------------------
@@ -156,6 +157,7 @@ class LeaseMachine:
         self, response: LeaseResponse, *, sent_at: float, now: float
     ) -> Transition | None:
         """An acquire/renew request sent at `sent_at` answered at `now`."""
+        self._renew_at_once = False
         self.consecutive_renew_failures = 0
         self.current_leader_id = response.holder_id
         self.current_term = response.term
@@ -177,12 +179,14 @@ class LeaseMachine:
             # The answer took so long that the lease may already be someone else's by the
             # time we act; do not lead on it. The next cycle renews at once.
             self.valid_until = None
+            self._renew_at_once = True
             self.last_error = "lease grant arrived after its local validity had run out"
             return self._move(LeaseState.STANDBY, Reason.LATE_GRANT)
         self.valid_until = valid_until
         return self._move(LeaseState.LEADER, Reason.ACQUIRED)
 
     def lease_failed(self, error: str, *, now: float) -> Transition | None:
+        self._renew_at_once = False  # a failing Control API gets the normal pace, never a spin
         self.consecutive_renew_failures += 1
         self.last_error = error
         if self.consecutive_renew_failures >= self.renew_failure_threshold:
@@ -201,8 +205,8 @@ class LeaseMachine:
         return None
 
     def needs_prompt_renew(self) -> bool:
-        """True after a grant we could not use: renew now rather than after an interval."""
-        return self.held_term is not None and self.state is not LeaseState.LEADER
+        """True right after a grant we could not use: renew now, once, not after an interval."""
+        return self._renew_at_once
 
     # -- heartbeat events (never change the lease state) -----------------------
 

@@ -362,3 +362,15 @@ def test_a_full_waiter_list_never_degrades_a_standby(fake):
         assert not daemon.named("lease.renew_failed")
         assert not daemon.named("lease.transition")  # standby throughout
         assert stop_and_check(daemon) == 0
+
+
+def test_a_leader_that_stepped_down_retries_at_its_pace_not_in_a_spin(fake):
+    with DaemonProcess(node_args(fake.server, **{"--renew-failure-threshold": "1"})) as daemon:
+        daemon.transition_to("leader")
+        fake.mode = "fail"
+        daemon.transition_to("degraded")
+        before = fake.server.count("/v1/leader/acquire")
+        fake.server.wait_for(lambda: False, 1.0)
+        attempts = fake.server.count("/v1/leader/acquire") - before
+        assert 2 <= attempts <= 10, attempts  # renew interval 200 ms: about 5 a second
+        assert stop_and_check(daemon) == 0

@@ -263,3 +263,20 @@ def test_checklist_order_is_the_start_sequence() -> None:
         "start-scheduler",
     ]
     assert len(STARTUP_CHECKLIST) == 6
+
+
+def test_prompt_renewal_is_one_shot_and_never_follows_a_step_down():
+    # A leader that stepped down (by deadline or by count) still holds its term for the
+    # release on stop, but must not renew back to back: that would spin against a dead API.
+    m = machine(threshold=2)
+    m.lease_succeeded(ours(term=3), sent_at=0.0, now=0.1)
+    m.tick(TTL - MARGIN)
+    assert m.state is LeaseState.DEGRADED and m.held_term == 3
+    assert not m.needs_prompt_renew()
+    m.lease_failed("refused", now=TTL)
+    assert not m.needs_prompt_renew()
+    # a late grant asks for one prompt retry; a failure of that retry returns to the pace
+    m.lease_succeeded(ours(term=3), sent_at=100.0, now=100.0 + TTL)
+    assert m.needs_prompt_renew()
+    m.lease_failed("refused", now=131.0)
+    assert not m.needs_prompt_renew()

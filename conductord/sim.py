@@ -1,0 +1,1166 @@
+"""Deterministic fleet simulation: prove no two leaders under hostile schedules (SPEC §13).
+
+A whole fleet runs in simulated time: N nodes, each with the real `lease.LeaseMachine`, paced
+the way `runtime.Runtime` paces it, against a Control API that decides with the real
+`control_api.rules` (`decide_acquire`, `decide_release`). Nothing sleeps and nothing opens a
+socket; one `random.Random(seed)` drives everything, so a seed replays exactly.
+
+Model (real time = the Control API server's clock, in seconds):
+- Events sit in a heap keyed by (time, original time, sequence number): the tie-break is
+  deterministic and an event deferred by a pause keeps its place among the others.
+- Node clocks: local monotonic time = rate × real time + offset, rate within ±`drift`.
+  Local timers fire at their local deadline plus a jitter in [0, `timer_jitter_ms`], never
+  early. A pause (stop-the-world) defers every event of that node to its end while its clock
+  keeps running, so the node resumes with a stale view; a crash drops its pending events and
+  restarts it later with the same node id and a fresh machine.
+- Lease loop as in `runtime.py`: the start sequence runs one cycle, the loop then paces cycles
+  start to start every renew interval ±10 %, or at once when `needs_prompt_renew()`; a request
+  without an answer fails with `lease_failed` after the request timeout; a deadline timer
+  calls `tick()` at `valid_until`. Standbys may long-poll (§12): the server parks the request
+  and grants at release or at the expiry instant. Graceful stop: `begin_stop`, wait up to
+  0.5 s for the in-flight cycle, release the held term, `stopped()`.
+- Network: one-way latency (fast: up to `latency_max_ms`; with `slow_prob` a slow message of
+  up to twice the request timeout); a request or a reply is lost with `loss_prob` (a lost
+  reply after the server applied the request is the interesting case); a "lossy" fault makes
+  one node's link bad for a while. A partition cuts one node off the Control API; an outage
+  cuts everybody (the server's lease row survives it). Each cut either refuses connections
+  (fail fast, chosen with `fast_fail_prob`) or is a black hole (hang to the timeout).
+- Scheduler: while a node is leader it runs a pass every `pass_interval_ms` of local time.
+  A pass that finds `scheduler_enabled(local_now)` true is checked, then acts a little later
+  (`act_delay_max_ms`); any pause may fall between the check and the act, and a "gap pause"
+  fault waits for the worst moment: the next check within `gap_window_s` of its node's local
+  deadline. The act carries the term to a fenced resource that rejects any term lower than
+  the highest it has seen.
+
+Invariants, checked at every check and act (SPEC §13):
+- `two_schedulers_in_term`: within one term only one node id ever acts;
+- `term_decreased`: acts never go back to a lower term (no stale leader acts);
+- `lease_overrun`: a check that passes while the server does not hold that term live for that
+  node (the state machine's own promise; stricter than the two above);
+- `no_failover`: after the leader crashes, stops or is cut off at t, some node schedules again
+  by t + `failover_bound_s()`. Checked only when, from t to that bound, every other node is
+  either untouched by any fault (no pause, partition, crash, stop, outage, bad link, lost or
+  slow message) or down throughout, the dead leader has no fault but its death, and at least
+  one other node is up: a grant whose reply is lost stalls failover beyond any fixed bound.
+With `fencing` the act invariants apply to the acts the resource accepted; without it, to every
+act performed. Both views are counted on every run.
+
+Limits: heartbeats are not modelled (they never change the lease state); the server's clock
+is the reference, so its own drift shows up as every node drifting the other way; a request's
+timeout is one total deadline (requests' per-read timeout can let an answer come later, which
+is safe because validity counts from the send time); a scheduler pass is modelled only while
+the node is leader, which is equivalent because `scheduler_enabled` is false otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import heapq
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from conductord.control_api.rules import LeaseRow, decide_acquire, decide_release
+from conductord.lease import LeaseMachine, LeaseResponse, LeaseState, default_margin_s
+
+JITTER = 0.10  # the lease loop's ±10 %, as in runtime.py
+INFLIGHT_GRACE_S = 0.5  # runtime.py lets an in-flight lease call finish this long on stop
+INF = math.inf
+
+FAULT_KINDS = ("crash", "stop", "partition", "outage", "pause", "gap_pause", "lossy")
+_CUTS = ("partition", "outage")
+_FAULT_WEIGHTS = (2, 1, 3, 1, 3, 2, 2)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One simulated fleet and how hostile its world is. Times in seconds unless named."""
+
+    nodes: int = 5
+    duration_s: float = 600.0
+    lease_ttl_sec: int = 30
+    lease_renew_interval_ms: int = 5000
+    request_timeout_ms: int = 5000
+    # The count rule only ever steps a leader down earlier than the time rule; switched off
+    # (1000) by default so that the time rule and its margin alone must keep the fleet safe.
+    renew_failure_threshold: int = 1000
+    margin_s: float | None = None  # None: lease.default_margin_s, as the runtime uses
+    machine: str = "real"  # "real", or a broken one: "margin0", "ignore-foreign"
+    long_poll: bool = False
+    fencing: bool = True
+    pass_interval_ms: float = 50.0
+    act_delay_max_ms: float = 2.0
+    drift: float = 0.001
+    timer_jitter_ms: float = 5.0
+    latency_min_ms: float = 0.2
+    latency_mean_ms: float = 2.0
+    latency_max_ms: float = 20.0
+    slow_prob: float = 0.002
+    loss_prob: float = 0.002
+    lossy_slow_prob: float = 0.1  # inside a "lossy" fault (a bad link for a while)
+    lossy_loss_prob: float = 0.3
+    lossy_max_s: float = 60.0
+    fast_fail_prob: float = 0.5
+    faults_per_hour: float = 90.0
+    pause_max_s: float = 45.0
+    gap_pause_max_s: float = 4.0
+    gap_window_s: float = 0.5  # a gap pause hits a check this close to the local deadline
+    down_max_s: float = 60.0
+    partition_max_s: float = 60.0
+    outage_max_s: float = 40.0
+
+    @property
+    def effective_margin_s(self) -> float:
+        if self.machine == "margin0":
+            return 0.0
+        if self.margin_s is not None:
+            return self.margin_s
+        return default_margin_s(self.lease_renew_interval_ms, self.lease_ttl_sec)
+
+    def failover_bound_s(self) -> float:
+        """TTL + renew interval (+10 % jitter, slowed by drift) + timer jitter + network.
+
+        Network: three fast one-way delays, a renewal of the dead leader still in flight plus
+        the new leader's round trip.
+        """
+        renew = self.lease_renew_interval_ms / 1000.0 * (1 + JITTER) / (1 - self.drift)
+        return (
+            self.lease_ttl_sec
+            + renew
+            + self.timer_jitter_ms / 1000.0
+            + 3 * self.latency_max_ms / 1000.0
+            + 0.001
+        )
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One scheduled fault. `node` is None for an outage and a gap pause (any node)."""
+
+    at: float
+    kind: str
+    node: int | None
+    duration: float
+    refused: bool = False  # partition/outage: connections refused at once, else black hole
+
+    def __str__(self) -> str:
+        who = "fleet" if self.node is None else f"node-{self.node}"
+        how = (" (refused)" if self.refused else " (black hole)") if self.kind in _CUTS else ""
+        return f"{self.kind} {who} at {self.at:.6f} for {self.duration:.6f}s{how}"
+
+
+@dataclass(frozen=True)
+class Violation:
+    kind: str
+    at: float
+    detail: str
+
+
+@dataclass
+class RunResult:
+    seed: int
+    sim_seconds: float = 0.0
+    events: int = 0
+    passes_checked: int = 0  # scheduler passes that found the scheduler enabled
+    acts_performed: int = 0
+    acts_accepted: int = 0
+    acts_rejected: int = 0  # stale acts the fence refused
+    violations: list[Violation] = field(default_factory=list)  # the first of each kind
+    violation_events: int = 0  # every time an invariant failed
+    unfenced_violations: int = 0  # act invariants on every performed act
+    failovers: list[float] = field(default_factory=list)  # seconds, windows that qualified
+    liveness_windows_skipped: int = 0
+    max_cycles_per_interval: int = 0  # lease cycles started within one renew interval
+    faults: tuple[Fault, ...] = ()
+    clock_rates: dict[str, float] = field(default_factory=dict)
+    trace: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class _Answer:
+    holder_id: str
+    term: int
+    lease_expires_at: float
+    is_leader: bool
+    operation: str
+
+
+class _IgnoresForeignHolder(LeaseMachine):
+    """Broken on purpose: a node that held a term takes any answer as its own renewal."""
+
+    def lease_succeeded(self, response: LeaseResponse, *, sent_at: float, now: float) -> Any:
+        if self.held_term is not None:
+            response = dataclasses.replace(response, holder_id=self.node_id, is_leader=True)  # type: ignore[type-var]
+        return super().lease_succeeded(response, sent_at=sent_at, now=now)
+
+
+def make_machine(config: SimConfig, node_id: str) -> LeaseMachine:
+    cls = _IgnoresForeignHolder if config.machine == "ignore-foreign" else LeaseMachine
+    if config.machine not in ("real", "margin0", "ignore-foreign"):
+        raise ValueError(f"unknown machine {config.machine!r}")
+    return cls(
+        node_id=node_id,
+        lease_ttl_sec=config.lease_ttl_sec,
+        renew_failure_threshold=config.renew_failure_threshold,
+        margin_s=config.effective_margin_s,
+    )
+
+
+def generate_faults(config: SimConfig, rng: random.Random) -> list[Fault]:
+    """A hostile schedule: faults arrive as a Poisson process over the run."""
+    faults: list[Fault] = []
+    rate = config.faults_per_hour / 3600.0
+    t = 0.0
+    while rate > 0:
+        t += rng.expovariate(rate)
+        if t >= config.duration_s:
+            break
+        kind = rng.choices(FAULT_KINDS, _FAULT_WEIGHTS)[0]
+        node: int | None = rng.randrange(config.nodes)
+        if kind == "crash" or kind == "stop":
+            duration = rng.uniform(0.1, config.down_max_s)
+        elif kind == "partition":
+            duration = rng.uniform(0.1, config.partition_max_s)
+        elif kind == "outage":
+            node, duration = None, rng.uniform(0.1, config.outage_max_s)
+        elif kind == "pause":
+            # log-uniform from 1 ms: mostly short hiccups, sometimes longer than the TTL
+            duration = math.exp(rng.uniform(math.log(0.001), math.log(config.pause_max_s)))
+        elif kind == "lossy":
+            duration = rng.uniform(0.1, config.lossy_max_s)
+        else:  # gap_pause: the next check that passes just before its deadline pauses
+            node, duration = None, rng.uniform(0.0, config.gap_pause_max_s)
+        refused = kind in _CUTS and rng.random() < config.fast_fail_prob
+        faults.append(Fault(round(t, 6), kind, node, round(duration, 6), refused))
+    return faults
+
+
+class _Interval:
+    __slots__ = ("end", "kind", "start")
+
+    def __init__(self, kind: str, start: float, end: float = INF) -> None:
+        self.kind, self.start, self.end = kind, start, end
+
+    def overlaps(self, lo: float, hi: float) -> bool:
+        return self.start <= hi and self.end >= lo
+
+
+class _Node:
+    __slots__ = (
+        "began",
+        "cycle_starts",
+        "deadline_gen",
+        "death",
+        "disturb",
+        "down_iv",
+        "idx",
+        "inc",
+        "inflight",
+        "lossy",
+        "machine",
+        "node_id",
+        "offset",
+        "partition_depth",
+        "partition_iv",
+        "passes_running",
+        "paused_until",
+        "rate",
+        "refused",
+        "releasing",
+        "req",
+        "rng",
+        "sent_at",
+        "stop_began",
+        "stop_down_for",
+        "stopping",
+        "up",
+    )
+
+    def __init__(self, idx: int, rate: float, offset: float, rng: random.Random) -> None:
+        self.idx = idx
+        self.node_id = f"node-{idx}"
+        self.rate, self.offset, self.rng = rate, offset, rng
+        self.inc = 0
+        self.up = False
+        self.paused_until = 0.0
+        self.partition_depth = 0
+        self.lossy = 0
+        self.refused = False
+        self.partition_iv: _Interval | None = None
+        self.down_iv: _Interval | None = _Interval("down", 0.0)
+        self.disturb: list[_Interval] = [self.down_iv]
+        self.machine: LeaseMachine | None = None
+        self.req = 0
+        self.inflight: int | None = None
+        self.sent_at = 0.0
+        self.began: float | None = None
+        self.deadline_gen = 0
+        self.passes_running = False
+        self.stopping = False
+        self.releasing = False
+        self.stop_began = 0.0
+        self.stop_down_for = 0.0
+        self.death: _Death | None = None
+        self.cycle_starts: list[float] = []
+
+    def local(self, t: float) -> float:
+        return self.rate * t + self.offset
+
+    def real(self, local: float) -> float:
+        return (local - self.offset) / self.rate
+
+
+class _Death:
+    __slots__ = ("at", "interval", "kind", "node", "recovered_at", "resolved_at", "term")
+
+    def __init__(self, node: _Node, at: float, kind: str, interval: _Interval, term: int) -> None:
+        self.node, self.at, self.kind, self.interval, self.term = node, at, kind, interval, term
+        self.recovered_at: float | None = None
+        self.resolved_at: float | None = None
+
+
+class Simulation:
+    """One seeded run. `run()` returns a `RunResult`; nothing here sleeps or does I/O."""
+
+    def __init__(
+        self,
+        seed: int,
+        config: SimConfig,
+        *,
+        faults: Sequence[Fault] | None = None,
+        trace: bool = False,
+        stop_at_first_violation: bool = False,
+    ) -> None:
+        self.config = config
+        self.seed = seed
+        rng = random.Random(seed)
+        generated = generate_faults(config, rng)
+        self.faults = tuple(generated if faults is None else faults)
+        d = config.drift
+        self.nodes = [
+            _Node(
+                i,
+                rate=rng.uniform(1 - d, 1 + d),
+                offset=rng.uniform(0, 1e5),
+                rng=random.Random(rng.getrandbits(64)),
+            )
+            for i in range(config.nodes)
+        ]
+        self.start_times = [rng.uniform(0.0, 2.0) for _ in range(config.nodes)]
+        self.result = RunResult(
+            seed=seed,
+            faults=self.faults,
+            clock_rates={n.node_id: n.rate for n in self.nodes},
+            trace=[] if trace else None,
+        )
+        self.stop_at_first_violation = stop_at_first_violation
+
+        self.ttl = config.lease_ttl_sec
+        self.renew_s = config.lease_renew_interval_ms / 1000.0
+        self.timeout_s = config.request_timeout_ms / 1000.0
+        self.now = 0.0
+        self._heap: list[tuple[Any, ...]] = []
+        self._seq = 0
+
+        self.row: LeaseRow | None = None
+        self.outage_depth = 0
+        self.outage_refused = False
+        self.outages: list[_Interval] = []
+        self.waiters: list[tuple[_Node, int, int, float]] = []  # node, inc, request, deadline
+        self.pending_gap: float | None = None
+
+        self.term_owner_performed: dict[int, str] = {}
+        self.max_term_performed = 0
+        self.term_owner_accepted: dict[int, str] = {}
+        self.fence_term = 0
+        self.pending_deaths: list[_Death] = []
+
+    # -- event queue -------------------------------------------------------------
+
+    def _push(self, t: float, fn: Callable[..., None], *args: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (t, t, self._seq, None, 0, fn, args))
+
+    def _push_node(self, t: float, node: _Node, fn: Callable[..., None], *args: Any) -> None:
+        """An event that happens inside the node's process: dropped on crash, paused."""
+        self._seq += 1
+        heapq.heappush(self._heap, (t, t, self._seq, node, node.inc, fn, args))
+
+    def _timer(self, node: _Node, local_at: float, fn: Callable[..., None], *args: Any) -> None:
+        jitter = node.rng.uniform(0.0, self.config.timer_jitter_ms / 1000.0)
+        self._push_node(max(self.now, node.real(local_at)) + jitter, node, fn, *args)
+
+    def _log(self, node: _Node | None, text: str) -> None:
+        if self.result.trace is not None:
+            who = "server " if node is None else node.node_id
+            self.result.trace.append(f"{self.now:12.6f} {who:<7} {text}")
+
+    def run(self) -> RunResult:
+        for i, node in enumerate(self.nodes):
+            self._push(self.start_times[i], self._restart, node)
+        for fault in self.faults:
+            self._push(fault.at, self._fault, fault)
+        end = self.config.duration_s
+        heap = self._heap
+        result = self.result
+        while heap:
+            t, order, seq, node, inc, fn, args = heapq.heappop(heap)
+            if t > end:
+                break
+            self.now = t
+            result.events += 1
+            if node is not None:
+                if node.inc != inc or not node.up:
+                    continue
+                if node.paused_until > t:
+                    heapq.heappush(heap, (node.paused_until, order, seq, node, inc, fn, args))
+                    continue
+            fn(*args)
+            if self.stop_at_first_violation and result.violations:
+                break
+        result.sim_seconds = self.now if result.violations else end
+        return result
+
+    # -- invariants --------------------------------------------------------------
+
+    def _violate(self, kind: str, detail: str) -> None:
+        self._log(None, f"VIOLATION {kind}: {detail}")
+        result = self.result
+        result.violation_events += 1
+        # The first of each kind tells the story; a broken node repeats it every pass.
+        if all(v.kind != kind for v in result.violations):
+            result.violations.append(Violation(kind, self.now, detail))
+
+    @staticmethod
+    def _act_invariants(
+        owners: dict[int, str], max_term: int, node: _Node, term: int
+    ) -> tuple[str, str] | None:
+        owner = owners.setdefault(term, node.node_id)
+        if owner != node.node_id:
+            return (
+                "two_schedulers_in_term",
+                f"{node.node_id} acted in term {term}, which {owner} already acted in",
+            )
+        if term < max_term:
+            return (
+                "term_decreased",
+                f"{node.node_id} acted with term {term} after term {max_term} had acted",
+            )
+        return None
+
+    # -- faults ------------------------------------------------------------------
+
+    def _fault(self, fault: Fault) -> None:
+        self._log(None, f"FAULT {fault}")
+        if fault.kind == "outage":
+            self.outage_depth += 1
+            self.outage_refused = fault.refused
+            iv = _Interval("outage", self.now, self.now + fault.duration)
+            self.outages.append(iv)
+            self.waiters.clear()  # parked connections die with the server process
+            self._push(self.now + fault.duration, self._outage_end)
+            return
+        if fault.kind == "gap_pause":
+            self.pending_gap = fault.duration
+            return
+        assert fault.node is not None
+        node = self.nodes[fault.node]
+        if not node.up:
+            return
+        if fault.kind == "crash":
+            self._record_death(node, "crash", lambda: self._go_down(node))
+            self._push(self.now + fault.duration, self._restart, node)
+        elif fault.kind == "stop":
+            # SIGTERM is handled inside the process: a paused node handles it on resume.
+            self._push_node(self.now, node, self._stop_begin, node, fault.duration)
+        elif fault.kind == "partition":
+            node.partition_depth += 1
+            node.refused = fault.refused
+            if node.partition_depth == 1:
+                node.partition_iv = _Interval("partition", self.now)
+                node.disturb.append(node.partition_iv)
+                self._record_death(node, "partition", lambda: node.partition_iv)
+            self._push(self.now + fault.duration, self._partition_end, node)
+        elif fault.kind == "pause":
+            self._pause(node, fault.duration)
+        elif fault.kind == "lossy":
+            node.lossy += 1
+            node.disturb.append(_Interval("lossy", self.now, self.now + fault.duration))
+            self._push(self.now + fault.duration, self._lossy_end, node)
+
+    def _pause(self, node: _Node, duration: float) -> None:
+        until = self.now + duration
+        if until > node.paused_until:
+            node.paused_until = until
+        node.disturb.append(_Interval("pause", self.now, until))
+
+    def _lossy_end(self, node: _Node) -> None:
+        node.lossy -= 1
+
+    def _outage_end(self) -> None:
+        self.outage_depth -= 1
+        self._log(None, "outage over")
+
+    def _partition_end(self, node: _Node) -> None:
+        node.partition_depth -= 1
+        if node.partition_depth == 0 and node.partition_iv is not None:
+            node.partition_iv.end = self.now
+            node.partition_iv = None
+            self._log(node, "partition healed")
+            if node.death is not None and node.death.kind == "partition":
+                node.death.recovered_at = self.now
+                node.death = None
+
+    def _record_death(self, node: _Node, kind: str, make_interval: Callable[[], Any]) -> None:
+        m = node.machine
+        leading = m is not None and m.scheduler_enabled(node.local(self.now))
+        interval = make_interval()
+        if not leading or node.stopping:
+            return
+        assert m is not None and m.current_term is not None
+        death = _Death(node, self.now, kind, interval, m.current_term)
+        node.death = death
+        self.pending_deaths.append(death)
+        deadline = self.now + self.config.failover_bound_s()
+        self._push(deadline, self._liveness_deadline, death)
+
+    def _go_down(self, node: _Node) -> _Interval:
+        node.up = False
+        node.inc += 1
+        node.passes_running = False
+        if node.down_iv is None:  # a crash while stopping keeps the stop's interval
+            node.down_iv = _Interval("down", self.now)
+            node.disturb.append(node.down_iv)
+        self._log(node, "crashed")
+        return node.down_iv
+
+    def _restart(self, node: _Node) -> None:
+        if node.up:
+            return
+        node.up = True
+        node.inc += 1
+        node.paused_until = 0.0
+        if node.down_iv is not None:
+            node.down_iv.end = self.now
+            node.down_iv = None
+        if node.death is not None and node.death.kind in ("crash", "stop"):
+            node.death.recovered_at = self.now
+            node.death = None
+        node.machine = make_machine(self.config, node.node_id)
+        node.inflight = None
+        node.began = None
+        node.stopping = False
+        node.passes_running = False
+        node.deadline_gen += 1
+        self._log(node, "start")
+        self._start_cycle(node, wait=False)
+
+    # -- graceful stop (runtime.stop) --------------------------------------------
+
+    def _stop_begin(self, node: _Node, down_for: float) -> None:
+        if node.stopping:
+            return
+        interval = _Interval("down", self.now)
+        self._record_death(node, "stop", lambda: interval)
+        node.disturb.append(interval)
+        node.down_iv = interval
+        node.stopping = True
+        node.releasing = False
+        node.stop_began = self.now
+        node.stop_down_for = down_for
+        assert node.machine is not None
+        node.machine.begin_stop()
+        self._log(node, "stopping")
+        if node.inflight is not None:
+            self._timer(node, node.local(self.now) + INFLIGHT_GRACE_S, self._stop_release, node)
+        else:
+            self._stop_release(node)
+
+    def _stop_release(self, node: _Node) -> None:
+        if not node.stopping or node.releasing:
+            return
+        node.releasing = True
+        node.inflight = None  # killed: it may still reach the server
+        node.req += 1
+        assert node.machine is not None
+        term = node.machine.held_term
+        if term is None:
+            self._stop_finish(node)
+            return
+        budget = self.timeout_s + 1.0 - (self.now - node.stop_began) - 0.1
+        rid = node.req
+        self._timer(node, node.local(self.now) + max(budget, 0.1), self._stop_finish, node)
+        self._send(node, rid, self._server_release, (term,))
+
+    def _stop_finish(self, node: _Node) -> None:
+        # Runs once: the release answer or the budget timer, whichever comes first; the
+        # other is dropped because the process (incarnation) is gone.
+        assert node.machine is not None
+        node.machine.stopped()
+        self._log(node, "stopped")
+        node.up = False
+        node.inc += 1
+        node.passes_running = False
+        self._push(max(self.now, node.stop_began + node.stop_down_for), self._restart, node)
+
+    # -- lease loop (runtime._lease_cycle / _run_loop) ---------------------------
+
+    def _start_cycle(self, node: _Node, *, wait: bool) -> None:
+        m = node.machine
+        assert m is not None
+        cfg = self.config
+        long_poll = (
+            wait
+            and cfg.long_poll
+            and m.state is not LeaseState.LEADER
+            and not m.needs_prompt_renew()
+        )
+        local_now = node.local(self.now)
+        starts = node.cycle_starts
+        starts.append(local_now)
+        while starts[0] <= local_now - self.renew_s:
+            starts.pop(0)
+        if len(starts) > self.result.max_cycles_per_interval:
+            self.result.max_cycles_per_interval = len(starts)
+        node.req += 1
+        rid = node.req
+        node.inflight = rid
+        node.sent_at = local_now
+        wait_s = self.renew_s if long_poll else 0.0
+        if self.result.trace is not None:
+            self._log(node, f"acquire sent{' (long-poll)' if long_poll else ''} as {m.state}")
+        self._timer(node, local_now + self.timeout_s + wait_s, self._cycle_timeout, node, rid)
+        self._send(node, rid, self._server_acquire, (wait_s,))
+
+    def _cycle_timeout(self, node: _Node, rid: int) -> None:
+        if node.inflight == rid:
+            self._cycle_failed(node, rid, "timed out")
+
+    def _cycle_failed(self, node: _Node, rid: int, error: str) -> None:
+        if node.inflight != rid:
+            return
+        node.inflight = None
+        m = node.machine
+        assert m is not None
+        self._log(node, f"lease call failed: {error}")
+        self._transition(node, m.lease_failed(error, now=node.local(self.now)))
+        self._after_cycle(node)
+
+    def _cycle_answer(self, node: _Node, rid: int, answer: _Answer) -> None:
+        if node.inflight != rid:
+            return  # the caller gave up on it already
+        node.inflight = None
+        m = node.machine
+        assert m is not None
+        local_now = node.local(self.now)
+        self._transition(node, m.lease_succeeded(answer, sent_at=node.sent_at, now=local_now))
+        node.deadline_gen += 1
+        if m.valid_until is not None:
+            self._timer(node, m.valid_until, self._deadline, node, node.deadline_gen)
+        self._after_cycle(node)
+
+    def _deadline(self, node: _Node, gen: int) -> None:
+        if gen == node.deadline_gen and node.machine is not None:
+            self._transition(node, node.machine.tick(node.local(self.now)))
+
+    def _after_cycle(self, node: _Node) -> None:
+        if node.stopping:
+            self._stop_release(node)
+            return
+        m = node.machine
+        assert m is not None
+        local_now = node.local(self.now)
+        if node.began is None:  # the start sequence's cycle: the loop starts now
+            node.began = local_now
+        delay = self.renew_s * node.rng.uniform(1 - JITTER, 1 + JITTER)
+        remaining = delay - (local_now - node.began)
+        if remaining > 0 and not m.needs_prompt_renew():
+            self._timer(node, local_now + remaining, self._loop_cycle, node)
+        else:
+            self._push_node(self.now, node, self._loop_cycle, node)
+
+    def _loop_cycle(self, node: _Node) -> None:
+        if node.stopping or node.inflight is not None:
+            return
+        node.began = node.local(self.now)
+        self._start_cycle(node, wait=True)
+
+    def _transition(self, node: _Node, transition: Any) -> None:
+        m = node.machine
+        assert m is not None
+        if transition is not None:
+            self._log(
+                node,
+                f"{transition.from_state} -> {transition.to_state} ({transition.reason}, "
+                f"term {transition.term}, leader {transition.leader_id})",
+            )
+        if m.state is LeaseState.LEADER and not node.passes_running:
+            node.passes_running = True
+            self._push_node(self.now, node, self._scheduler_pass, node)
+
+    # -- network -----------------------------------------------------------------
+
+    def _latency(self, node: _Node) -> tuple[float, bool]:
+        cfg = self.config
+        rng = node.rng
+        if rng.random() < (cfg.lossy_slow_prob if node.lossy else cfg.slow_prob):
+            return rng.uniform(cfg.latency_max_ms / 1000.0, 2 * self.timeout_s), True
+        lat = cfg.latency_min_ms + rng.expovariate(1.0 / cfg.latency_mean_ms)
+        return min(lat, cfg.latency_max_ms) / 1000.0, False
+
+    def _loss_prob(self, node: _Node) -> float:
+        return self.config.lossy_loss_prob if node.lossy else self.config.loss_prob
+
+    def _cut_off(self, node: _Node) -> bool:
+        return node.partition_depth > 0 or self.outage_depth > 0
+
+    def _send(self, node: _Node, rid: int, handler: Callable[..., None], args: tuple) -> None:
+        """A request from `node` to the Control API."""
+        rng = node.rng
+        if self._cut_off(node):
+            if node.refused if node.partition_depth else self.outage_refused:
+                lat, _ = self._latency(node)
+                self._push_node(self.now + 2 * lat, node, self._cycle_failed, node, rid, "refused")
+            return  # otherwise it hangs until the timeout
+        if rng.random() < self._loss_prob(node):
+            node.disturb.append(_Interval("lost", self.now, self.now + self.timeout_s))
+            self._log(node, "request lost")
+            return
+        lat, slow = self._latency(node)
+        if slow:
+            node.disturb.append(_Interval("slow", self.now, self.now + lat))
+        self._push(self.now + lat, self._arrive, node, node.inc, rid, handler, args)
+
+    def _arrive(self, node: _Node, inc: int, rid: int, handler: Callable, args: tuple) -> None:
+        if self._cut_off(node):
+            return  # dropped on the way: the client times out
+        handler(node, inc, rid, *args)
+
+    def _reply(self, node: _Node, inc: int, rid: int, answer: Any, on_answer: Callable) -> None:
+        """A reply from the Control API to `node`; lost replies leave the client waiting."""
+        rng = node.rng
+        if self._cut_off(node):
+            return
+        if rng.random() < self._loss_prob(node):
+            node.disturb.append(_Interval("lost", self.now, self.now + self.timeout_s))
+            self._log(node, "reply lost (server applied the request)")
+            return
+        lat, slow = self._latency(node)
+        if slow:
+            node.disturb.append(_Interval("slow", self.now, self.now + lat))
+        self._push(self.now + lat, self._deliver, node, inc, rid, answer, on_answer)
+
+    def _deliver(self, node: _Node, inc: int, rid: int, answer: Any, on_answer: Callable) -> None:
+        if node.partition_depth > 0 or node.inc != inc:
+            return
+        self._seq += 1
+        heapq.heappush(
+            self._heap, (self.now, self.now, self._seq, node, inc, on_answer, (node, rid, answer))
+        )
+
+    # -- Control API (the real rules) ---------------------------------------------
+
+    def _decide(self, node: _Node) -> _Answer:
+        decision = decide_acquire(
+            self.row,
+            controller_id=node.node_id,
+            host=f"{node.node_id}.local",
+            ttl_sec=float(self.ttl),
+            preferred=node.idx == 0,
+            metadata_json=None,
+            now=self.now,
+        )
+        previous = self.row
+        self.row = row = decision.row
+        if decision.operation != "deny":
+            self._log(None, f"{decision.operation} term {row.term} for {node.node_id}")
+        expiry_moved = previous is None or previous.lease_expires_at != row.lease_expires_at
+        if expiry_moved and self.waiters:
+            self._push(row.lease_expires_at, self._wake_waiters)
+        return _Answer(
+            holder_id=row.holder_id,
+            term=row.term,
+            lease_expires_at=row.lease_expires_at,
+            is_leader=decision.is_leader,
+            operation="renew" if decision.operation == "renew" else "acquire",
+        )
+
+    def _server_acquire(self, node: _Node, inc: int, rid: int, wait_s: float) -> None:
+        row = self.row
+        if (
+            wait_s > 0
+            and row is not None
+            and row.is_live(self.now)
+            and row.holder_id != node.node_id
+        ):
+            self.waiters.append((node, inc, rid, self.now + wait_s))
+            self._push(row.lease_expires_at, self._wake_waiters)
+            self._push(self.now + wait_s, self._waiter_done, node, inc, rid)
+            return
+        self._reply(node, inc, rid, self._decide(node), self._cycle_answer)
+
+    def _wake_waiters(self) -> None:
+        row = self.row
+        if not self.waiters or (row is not None and row.is_live(self.now)):
+            return
+        for waiter in list(self.waiters):
+            node, inc, rid, _ = waiter
+            answer = self._decide(node)
+            if answer.is_leader:
+                self.waiters.remove(waiter)
+                self._reply(node, inc, rid, answer, self._cycle_answer)
+
+    def _waiter_done(self, node: _Node, inc: int, rid: int) -> None:
+        for waiter in self.waiters:
+            if waiter[0] is node and waiter[1] == inc and waiter[2] == rid:
+                self.waiters.remove(waiter)
+                self._reply(node, inc, rid, self._decide(node), self._cycle_answer)
+                return
+
+    def _server_release(self, node: _Node, inc: int, rid: int, term: int) -> None:
+        decision = decide_release(self.row, controller_id=node.node_id, term=term, now=self.now)
+        self.row = decision.row
+        self._log(None, f"release term {term} by {node.node_id}: {decision.released}")
+        self._reply(node, inc, rid, decision.released, self._release_answer)
+        if decision.released:
+            self._wake_waiters()
+
+    def _release_answer(self, node: _Node, rid: int, released: bool) -> None:
+        self._stop_finish(node)
+
+    # -- scheduler ---------------------------------------------------------------
+
+    def _scheduler_pass(self, node: _Node) -> None:
+        m = node.machine
+        assert m is not None
+        if m.state is not LeaseState.LEADER:
+            node.passes_running = False
+            return
+        local_now = node.local(self.now)
+        if m.scheduler_enabled(local_now):
+            self._checked(node, m, local_now)
+        self._timer(
+            node, local_now + self.config.pass_interval_ms / 1000.0, self._scheduler_pass, node
+        )
+
+    def _checked(self, node: _Node, m: LeaseMachine, local_now: float) -> None:
+        result = self.result
+        result.passes_checked += 1
+        term = m.current_term
+        assert term is not None
+        row = self.row
+        if not (
+            row is not None
+            and row.holder_id == node.node_id
+            and row.term == term
+            and row.is_live(self.now)
+        ):
+            held = (
+                "no lease"
+                if row is None
+                else f"term {row.term} of {row.holder_id}, expiring {row.lease_expires_at:.6f}"
+                + (" (released)" if row.released else "")
+            )
+            self._violate(
+                "lease_overrun",
+                f"{node.node_id} passed its check for term {term} while the server has {held}",
+            )
+        if self.pending_deaths:
+            for death in list(self.pending_deaths):
+                if self.now > death.at and (
+                    death.node is not node
+                    or (death.recovered_at is not None and self.now >= death.recovered_at)
+                ):
+                    death.resolved_at = self.now
+                    self.pending_deaths.remove(death)
+        delay = node.rng.uniform(0.0, self.config.act_delay_max_ms / 1000.0)
+        assert m.valid_until is not None
+        if self.pending_gap is not None and m.valid_until - local_now < self.config.gap_window_s:
+            self._log(
+                node, f"check passed for term {term}; paused {self.pending_gap:.6f}s before acting"
+            )
+            self._pause(node, self.pending_gap)
+            self.pending_gap = None
+        self._push_node(self.now + delay, node, self._act, node, term)
+
+    def _act(self, node: _Node, term: int) -> None:
+        result = self.result
+        result.acts_performed += 1
+        fenced = self.config.fencing
+        problem = self._act_invariants(
+            self.term_owner_performed, self.max_term_performed, node, term
+        )
+        self.max_term_performed = max(self.max_term_performed, term)
+        if problem is not None:
+            result.unfenced_violations += 1
+            self._log(node, f"unfenced: {problem[1]}")
+            if not fenced:
+                self._violate(*problem)
+        if term < self.fence_term:
+            result.acts_rejected += 1
+            self._log(
+                node, f"act with term {term} rejected by the fence (has seen {self.fence_term})"
+            )
+            return
+        self.fence_term = term
+        result.acts_accepted += 1
+        problem = self._act_invariants(self.term_owner_accepted, term, node, term)
+        if problem is not None and fenced:
+            self._violate(*problem)
+
+    def _liveness_deadline(self, death: _Death) -> None:
+        if death in self.pending_deaths:
+            self.pending_deaths.remove(death)
+        cfg = self.config
+        # Faults before the death cannot matter: nobody else holds the lease before it, and a
+        # slow renewal of the dead leader still in flight has an interval that reaches past it.
+        lo, hi = death.at, self.now
+        qualifies = not any(iv.overlaps(lo, hi) for iv in self.outages)
+        healthy = 0
+        for node in self.nodes:
+            if not qualifies:
+                break
+            touching = [
+                iv for iv in node.disturb if iv is not death.interval and iv.overlaps(lo, hi)
+            ]
+            if node is death.node:
+                qualifies = not touching
+            elif not touching:
+                healthy += 1
+            elif not (
+                len(touching) == 1
+                and touching[0].kind == "down"
+                and touching[0].start <= lo
+                and touching[0].end >= hi
+            ):
+                qualifies = False
+        if not qualifies or healthy == 0:
+            self.result.liveness_windows_skipped += 1
+            return
+        if death.resolved_at is None:
+            self._violate(
+                "no_failover",
+                f"leader {death.node.node_id} (term {death.term}) {death.kind} at {death.at:.6f}; "
+                f"nobody scheduled within {cfg.failover_bound_s():.3f}s although "
+                f"{healthy} node(s) stayed healthy",
+            )
+        else:
+            self.result.failovers.append(death.resolved_at - death.at)
+
+
+# -- running many seeds ------------------------------------------------------------
+
+
+def run_seed(
+    seed: int,
+    config: SimConfig,
+    *,
+    faults: Sequence[Fault] | None = None,
+    trace: bool = False,
+    stop_at_first_violation: bool = False,
+) -> RunResult:
+    """Run one seed; `faults` replaces the generated schedule (the rest of the seed stays)."""
+    return Simulation(
+        seed, config, faults=faults, trace=trace, stop_at_first_violation=stop_at_first_violation
+    ).run()
+
+
+def shrink(seed: int, config: SimConfig, kind: str | None = None) -> RunResult:
+    """The seed's run with as few faults as still give a violation (of `kind` if given).
+
+    Drops one fault at a time and keeps the drop while the violation persists, until no
+    single drop keeps it; then replays the result with a trace. Latency, loss and jitter stay
+    those of the seed (their random streams are per node, so they mostly survive the drops).
+    """
+
+    def violates(faults: Sequence[Fault] | None) -> RunResult | None:
+        result = run_seed(seed, config, faults=faults, stop_at_first_violation=True)
+        hits = [v for v in result.violations if kind is None or v.kind == kind]
+        return result if hits else None
+
+    first = violates(None)
+    if first is None:
+        raise ValueError(f"seed {seed} shows no violation to shrink")
+    kind = kind or first.violations[0].kind
+    faults = list(first.faults)
+    shrunk = True
+    while shrunk:
+        shrunk = False
+        for i in range(len(faults)):
+            candidate = faults[:i] + faults[i + 1 :]
+            if violates(candidate) is not None:
+                faults = candidate
+                shrunk = True
+                break
+    return run_seed(seed, config, faults=faults, trace=True, stop_at_first_violation=True)
+
+
+@dataclass
+class Summary:
+    """What a batch of seeds found (the CLI prints it as one JSON line)."""
+
+    seeds: int = 0
+    sim_hours: float = 0.0
+    events: int = 0
+    passes_checked: int = 0
+    acts_performed: int = 0
+    acts_accepted: int = 0
+    acts_rejected_by_fence: int = 0
+    unfenced_violations: int = 0
+    violations: int = 0
+    violating_seeds: list[int] = field(default_factory=list)
+    unfenced_violating_seeds: list[int] = field(default_factory=list)
+    violation_kinds: dict[str, int] = field(default_factory=dict)
+    liveness_windows_checked: int = 0
+    liveness_windows_skipped: int = 0
+    worst_failover_s: float | None = None
+    median_failover_s: float | None = None
+    max_cycles_per_interval: int = 0
+    _failovers: list[float] = field(default_factory=list, repr=False)
+
+    def add(self, result: RunResult) -> None:
+        self.seeds += 1
+        self.sim_hours += result.sim_seconds / 3600.0
+        self.events += result.events
+        self.passes_checked += result.passes_checked
+        self.acts_performed += result.acts_performed
+        self.acts_accepted += result.acts_accepted
+        self.acts_rejected_by_fence += result.acts_rejected
+        self.unfenced_violations += result.unfenced_violations
+        self.violations += len(result.violations)
+        if result.violations:
+            self.violating_seeds.append(result.seed)
+        if result.unfenced_violations:
+            self.unfenced_violating_seeds.append(result.seed)
+        for v in result.violations:
+            self.violation_kinds[v.kind] = self.violation_kinds.get(v.kind, 0) + 1
+        self.liveness_windows_checked += len(result.failovers)
+        self.liveness_windows_skipped += result.liveness_windows_skipped
+        self._failovers.extend(result.failovers)
+        self.max_cycles_per_interval = max(
+            self.max_cycles_per_interval, result.max_cycles_per_interval
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        failovers = sorted(self._failovers)
+        doc = {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("_")}
+        doc["sim_hours"] = round(self.sim_hours, 3)
+        doc["violating_seeds"] = self.violating_seeds[:20]
+        doc["unfenced_violating_seeds"] = self.unfenced_violating_seeds[:20]
+        if failovers:
+            doc["worst_failover_s"] = round(failovers[-1], 3)
+            doc["median_failover_s"] = round(failovers[len(failovers) // 2], 3)
+        return doc
+
+
+def _run_chunk(args: tuple[list[int], SimConfig]) -> list[RunResult]:
+    seeds, config = args
+    results = []
+    for seed in seeds:
+        result = run_seed(seed, config)
+        result.faults = ()  # keep the inter-process traffic small; the seed replays them
+        results.append(result)
+    return results
+
+
+def run_many(
+    seeds: Iterable[int], config: SimConfig, *, jobs: int = 1
+) -> tuple[Summary, list[RunResult]]:
+    """Run seeds (in worker processes when jobs > 1); results come back in seed order."""
+    seeds = list(seeds)
+    summary = Summary()
+    failing: list[RunResult] = []
+    if jobs <= 1:
+        chunks: Iterable[list[RunResult]] = (_run_chunk(([s], config)) for s in seeds)
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        size = max(1, min(50, len(seeds) // (jobs * 4) or 1))
+        parts = [(seeds[i : i + size], config) for i in range(0, len(seeds), size)]
+        pool = ProcessPoolExecutor(max_workers=jobs)
+        chunks = pool.map(_run_chunk, parts)
+    for chunk in chunks:
+        for result in chunk:
+            summary.add(result)
+            if result.violations:
+                failing.append(result)
+    if jobs > 1:
+        pool.shutdown()
+    return summary, failing
+
+
+# -- command line --------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m conductord.sim",
+        description="Deterministic fleet simulation (SPEC §13); prints one JSON line.",
+    )
+    parser.add_argument("--seeds", type=int, default=1000, help="number of seeds (default 1000)")
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--no-shrink", action="store_true", help="do not shrink a failing seed")
+    defaults = SimConfig()
+    for f in dataclasses.fields(SimConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, type=_boolean, default=default, metavar="BOOL")
+        elif f.name == "margin_s":
+            parser.add_argument(flag, type=float, default=None)
+        elif f.name == "machine":
+            parser.add_argument(
+                flag, choices=("real", "margin0", "ignore-foreign"), default=default
+            )
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+    return parser
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    config = SimConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SimConfig)})
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    began = time.perf_counter()
+    summary, failing = run_many(seeds, config, jobs=args.jobs)
+    doc: dict[str, Any] = summary.as_dict()
+    doc["wall_s"] = round(time.perf_counter() - began, 2)
+    doc["config"] = {**dataclasses.asdict(config), "effective_margin_s": config.effective_margin_s}
+    doc["failover_bound_s"] = round(config.failover_bound_s(), 3)
+    if failing:
+        first = failing[0]
+        violation = first.violations[0]
+        report: dict[str, Any] = {
+            "seed": first.seed,
+            "kind": violation.kind,
+            "at": round(violation.at, 6),
+            "detail": violation.detail,
+        }
+        if not args.no_shrink:
+            shrunk = shrink(first.seed, config, violation.kind)
+            report["faults"] = [str(f) for f in shrunk.faults]
+            report["trace"] = (shrunk.trace or [])[-40:]
+        doc["first_violation"] = report
+    sys.stdout.write(json.dumps(doc) + "\n")
+    return 1 if failing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
