@@ -2,7 +2,8 @@
 
 - `Proc`: a subprocess in its own process group whose stdout JSON log lines are collected by a
   reader thread, each stamped with the wall and monotonic time it was read. `kill_group()` in a
-  `finally:` is how every benchmark guarantees that nothing outlives it.
+  `finally:` is how every benchmark guarantees that nothing outlives it. With `stdin=True` the
+  parent can send it lines (`send_line`), e.g. commands to a load-generator worker.
 - `start_control_api()`: the reference Control API (`python -m conductord control-api`) on
   127.0.0.1, port 0, bound port read from its `control_api.listening` line. The shared token
   goes through the environment, never argv (it would show in `ps`), and is never printed.
@@ -92,7 +93,9 @@ def rounded(value: float | None, digits: int = 3) -> float | None:
 class Proc:
     """A child process in its own process group, with its JSON stdout collected."""
 
-    def __init__(self, argv: Sequence[str], *, env: dict[str, str], name: str) -> None:
+    def __init__(
+        self, argv: Sequence[str], *, env: dict[str, str], name: str, stdin: bool = False
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.events: list[Event] = []
@@ -105,7 +108,7 @@ class Proc:
             self.argv,
             env=env,
             cwd=REPO_ROOT,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -173,6 +176,12 @@ class Proc:
                     return None
                 self._cond.wait(min(remaining, 0.05))
 
+    def send_line(self, text: str) -> None:
+        """One line to the child's stdin (a Proc made with `stdin=True`)."""
+        assert self.proc.stdin is not None, "Proc made without stdin=True"
+        self.proc.stdin.write(text.rstrip("\n") + "\n")
+        self.proc.stdin.flush()
+
     def signal(self, signum: int) -> None:
         if self.proc.poll() is None:
             os.kill(self.pid, signum)
@@ -181,6 +190,9 @@ class Proc:
         """SIGKILL the whole process group; safe to call twice or after exit."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=10)
         for thread in self._threads:
