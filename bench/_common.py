@@ -215,9 +215,19 @@ def is_event(name: str) -> Callable[[Event], bool]:
 
 
 class ControlApi:
-    """The reference Control API as a subprocess; `.url`, `.token`, `.proc`."""
+    """The reference Control API as a subprocess; `.url`, `.token`, `.proc`.
 
-    def __init__(self, db_path: str, *, token: str, log_level: str = "info") -> None:
+    `extra_args` go on its command line after the others (e.g. `["--no-long-poll"]`).
+    """
+
+    def __init__(
+        self,
+        db_path: str,
+        *,
+        token: str,
+        log_level: str = "info",
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self.token = token
         self.db_path = db_path
         self.proc = Proc(
@@ -230,6 +240,7 @@ class ControlApi:
                 db_path,
                 "--log-level",
                 log_level,
+                *extra_args,
             ],
             env=child_env(BAA_SHARED_TOKEN=token),
             name="control-api",

@@ -1,16 +1,27 @@
-"""Failover benchmark: crash failover (kill -9 of the leader) and graceful handover (SIGTERM).
+"""Failover benchmark: crash failover (kill -9 of the leader) and graceful handover (SIGTERM),
+polling and long-poll side by side in one run (SPEC §11, §12).
 
-Rerun (from the repository root, about 2 minutes at the defaults):
+Rerun (from the repository root, about 4 minutes at the defaults):
 
-    .venv/bin/python bench/failover.py                       # 30 + 30 trials, 3 nodes
+    .venv/bin/python bench/failover.py                       # both modes, 30 + 30 trials each
+    .venv/bin/python bench/failover.py --mode longpoll       # one mode only
     .venv/bin/python bench/failover.py --trials 5 --nodes 2  # quick look
 
-Set-up: the reference Control API (`conductord control-api`, a fresh SQLite file) and `--nodes`
-`python -m conductord start` subprocesses with short timings (TTL `--ttl-sec`, renew
-`--renew-ms`, request timeout `--request-timeout-ms`, heartbeat 1 s), each with its status
-endpoint on. Crash and graceful trials alternate; before each, a random pause of up to one
-renew interval puts the signal at a random phase of the leader's renew cycle. After each trial
-the signalled node is restarted (same node id), so the fleet keeps `--nodes` members.
+Modes: `--mode both` (default) runs polling, then long-poll, each with a fresh reference
+Control API (`conductord control-api`, its own SQLite file) and a fresh fleet, so neither run
+inherits the other's lease, terms or warm processes. Polling starts the server with
+`--no-long-poll` (it then ignores `wait_ms`); long-poll starts it as it ships. The nodes are
+the same in both: standbys always send `wait_ms` = their renew interval. Each server's mode is
+probed (`server_mode`: a server that answers a contended acquire carrying `wait_ms` at once is
+"polling"); a mode whose server probes otherwise does not pass. Both modes use the same
+`--seed`, hence the same sequence of signal phases.
+
+Set-up per mode: `--nodes` `python -m conductord start` subprocesses with short timings (TTL
+`--ttl-sec`, renew `--renew-ms`, request timeout `--request-timeout-ms`, heartbeat 1 s), each
+with its status endpoint on. Crash and graceful trials alternate; before each, a random pause
+of up to one renew interval puts the signal at a random phase of the leader's renew cycle.
+After each trial the signalled node is restarted (same node id), so the fleet keeps `--nodes`
+members.
 
 Measured per trial: from a wall-clock stamp taken just before the signal to the `timestamp` of
 another node's `lease.transition` line with `to_state: leader` (all processes share this
@@ -30,12 +41,14 @@ Safety, two ways, both must be 0:
   not proof: the round itself takes time.) When the daemon serves no status endpoint, this is
   reported as `status_endpoint: "unavailable"`.
 
-Mode: `server_mode` is probed (a server that answers a contended acquire carrying `wait_ms`
-at once is "polling", SPEC §12); `--mode` picks which column of the SPEC §11 targets the
-figures are judged against (default: the probed mode).
+Output: one JSON line on stdout: the parameters, `modes` (one object per mode run, with its
+figures, `targets` (the SPEC §11 column of that mode, seconds) and `pass`), `side_by_side`
+(the headline figures per mode), an overall `pass` (every mode run passed) and the machine
+with its load average. Progress on stderr. Every process is killed (its whole group) on the
+way out of each mode, whatever happens.
 
-Output: one JSON line on stdout; progress on stderr. Every process is killed (its whole group)
-on the way out, whatever happens.
+Limits: the two modes run one after the other, not interleaved, so a change in the machine's
+load between them skews the comparison (`loadavg_1m` per mode records it).
 """
 
 from __future__ import annotations
@@ -76,6 +89,9 @@ from _common import (
 
 HEARTBEAT_MS = 1000
 START_TIMEOUT_S = 20.0
+MODES = ("polling", "longpoll")
+# The reference server honours `wait_ms` unless told not to (SPEC §12).
+SERVER_FLAGS: dict[str, tuple[str, ...]] = {"polling": ("--no-long-poll",), "longpoll": ()}
 
 
 @dataclass
@@ -97,6 +113,7 @@ class Incarnation:
 class Trial:
     kind: str
     old_leader: str
+    standbys_parked: bool  # long-poll: every standby parked before the signal (polling: True)
     seconds: float | None = None  # signal -> new leader's transition timestamp
     read_seconds: float | None = None  # signal -> that line read by the benchmark
     new_leader: str | None = None
@@ -106,12 +123,14 @@ class Trial:
 @dataclass
 class Fleet:
     args: argparse.Namespace
+    mode: str
     api: ControlApi
     token: str
     runs_dir: str  # also puts the run's temporary directory on every node's command line
     live: dict[str, Incarnation] = field(default_factory=dict)
     all: list[Incarnation] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    session: requests.Session = field(default_factory=requests.Session)  # to the Control API
 
     def spawn(self, index: int) -> Incarnation:
         a = self.args
@@ -151,6 +170,38 @@ class Fleet:
     def wait_started(self, inc: Incarnation) -> None:
         if inc.proc.wait_for(is_event("conductor.started"), timeout=START_TIMEOUT_S) is None:
             raise RuntimeError(f"{inc.node_id} did not start: {inc.proc.tail_stderr()}")
+
+    def parked_standbys(self) -> int | None:
+        """How many acquires the server holds parked right now (`GET /v1/leader` `waiters`)."""
+        try:
+            reply = self.session.get(
+                self.api.url + "/v1/leader", headers=self.api.headers, timeout=1.0
+            )
+            reply.raise_for_status()
+            return int(reply.json()["data"]["waiters"])
+        except (requests.RequestException, ValueError, KeyError, TypeError):
+            return None
+
+    def settle(self, restarted: Incarnation) -> bool:
+        """Wait until the fleet is in its steady state; False if long-poll standbys never parked.
+
+        A started node's lease loop runs its first cycle one renew interval after start, so a
+        restarted standby is given 1.5 intervals (both modes). In long-poll mode, every standby
+        must also be parked on the server: a handover in the moment after a restart would
+        measure the restart, not the steady state the targets are for.
+        """
+        renew_s = self.args.renew_ms / 1000.0
+        started = restarted.proc.wait_for(is_event("conductor.started"), timeout=0)
+        since = time.monotonic() - (started or {}).get("_seen_mono", time.monotonic())
+        time.sleep(max(1.5 * renew_s - since, 0.0))
+        if self.mode != "longpoll":
+            return True
+        deadline = time.monotonic() + 3 * renew_s + 2.0
+        while time.monotonic() < deadline:
+            if (self.parked_standbys() or 0) >= self.args.nodes - 1:
+                return True
+            time.sleep(0.01)
+        return False
 
     def leader(self, timeout: float) -> Incarnation | None:
         """The live incarnation whose latest transition is to leader (waits up to `timeout`)."""
@@ -197,8 +248,11 @@ def run_trial(fleet: Fleet, kind: str, rng: random.Random) -> Trial:
     old = fleet.leader(timeout=a.ttl_sec + 5.0)
     if old is None:
         raise RuntimeError("no leader before the trial")
+    with fleet.lock:
+        newest = fleet.all[-1]
+    parked = fleet.settle(newest)
     time.sleep(rng.uniform(0.0, a.renew_ms / 1000.0))  # a random phase of the renew cycle
-    trial = Trial(kind, old.node_id)
+    trial = Trial(kind, old.node_id, standbys_parked=parked)
     signum = signal.SIGKILL if kind == "crash" else signal.SIGTERM
     signalled_mono = time.monotonic()
     signalled_wall = time.time()
@@ -399,6 +453,7 @@ def summarize(trials: list[Trial], kind: str, unit_s: float, goal: dict[str, flo
         f"max_{unit}_ratio": rounded(worst / unit_s if worst is not None else None),
         "median_read_s": rounded(statistics.median(reads) if reads else None),
         "bad_exit_codes": sorted({t.exit_code for t in mine if t.exit_code not in (0, -9)}),
+        "unparked_trials": sum(not t.standbys_parked for t in mine),
         "target_median_s": rounded(goal["median_s"]),
         "target_max_s": rounded(goal["max_s"]),
         "pass": bool(
@@ -414,7 +469,7 @@ def summarize(trials: list[Trial], kind: str, unit_s: float, goal: dict[str, flo
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trials", type=int, default=30, help="trials of each kind (30)")
+    parser.add_argument("--trials", type=int, default=30, help="trials of each kind per mode (30)")
     parser.add_argument("--nodes", type=int, default=3, help="fleet size, >= 2 (3)")
     parser.add_argument("--ttl-sec", type=int, default=2, help="lease TTL (2)")
     parser.add_argument("--renew-ms", type=int, default=250, help="renew interval (250)")
@@ -423,9 +478,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--mode",
-        choices=("auto", "polling", "longpoll"),
-        default="auto",
-        help="which SPEC §11 target column to judge by (auto: the probed server mode)",
+        choices=("both", *MODES),
+        default="both",
+        help="both (default): polling, then long-poll, each with a fresh server and fleet",
     )
     parser.add_argument(
         "--status-poll-ms", type=int, default=100, help="status polling period, 0 = off (100)"
@@ -439,56 +494,62 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    rng = random.Random(args.seed)
+def run_mode(args: argparse.Namespace, mode: str, workdir: str) -> dict[str, Any]:
+    """One mode end to end: its own server, fleet and trials; every process killed at the end."""
     began = time.monotonic()
+    load_before = round(os.getloadavg()[0], 2)
+    # One seed for both modes: the same sequence of signal phases, a like-for-like comparison.
+    rng = random.Random(args.seed)
     token = new_token()
     api: ControlApi | None = None
     fleet: Fleet | None = None
     poller: StatusPoller | None = None
     trials: list[Trial] = []
-    with tempfile.TemporaryDirectory(prefix="conductord-bench-") as tmp:
-        try:
-            api = ControlApi(os.path.join(tmp, "control.sqlite3"), token=token)
-            server_mode = probe_server_mode(api)
-            mode = server_mode if args.mode == "auto" else args.mode
-            if mode != server_mode:
-                progress(f"warning: judging by {mode} targets, but the server is {server_mode}")
-            progress(f"control API on {api.url}, server mode {server_mode}")
+    os.mkdir(workdir)
+    try:
+        api = ControlApi(
+            os.path.join(workdir, "control.sqlite3"),
+            token=token,
+            extra_args=SERVER_FLAGS[mode],
+        )
+        server_mode = probe_server_mode(api)
+        if server_mode != mode:
+            progress(f"warning: {mode} run, but the server probes as {server_mode}")
+        progress(f"{mode}: control API on {api.url}, server mode {server_mode}")
 
-            runs_dir = os.path.join(tmp, "runs")
-            os.mkdir(runs_dir)
-            fleet = Fleet(args, api, token, runs_dir)
-            for inc in [fleet.spawn(i) for i in range(args.nodes)]:
-                fleet.wait_started(inc)
-            if fleet.leader(timeout=args.ttl_sec + 5.0) is None:
-                raise RuntimeError("no node became leader")
-            if args.status_poll_ms > 0:
-                poller = StatusPoller(fleet, args.status_poll_ms / 1000.0)
-                poller.start()
+        runs_dir = os.path.join(workdir, "runs")
+        os.mkdir(runs_dir)
+        fleet = Fleet(args, mode, api, token, runs_dir)
+        for inc in [fleet.spawn(i) for i in range(args.nodes)]:
+            fleet.wait_started(inc)
+        if fleet.leader(timeout=args.ttl_sec + 5.0) is None:
+            raise RuntimeError("no node became leader")
+        if args.status_poll_ms > 0:
+            poller = StatusPoller(fleet, args.status_poll_ms / 1000.0)
+            poller.start()
 
-            kinds = [kind for _ in range(args.trials) for kind in ("crash", "graceful")]
-            for number, kind in enumerate(kinds, 1):
-                trial = run_trial(fleet, kind, rng)
-                trials.append(trial)
-                shown = "none" if trial.seconds is None else f"{trial.seconds * 1000:.0f} ms"
-                progress(
-                    f"trial {number}/{len(kinds)} {kind}: {trial.old_leader} -> "
-                    f"{trial.new_leader} in {shown}"
-                )
-            end_of_run = time.time()
-        finally:
-            if poller is not None:
-                poller.stop()
-            stopped_at = time.time()
-            if fleet is not None:
-                for inc in fleet.all:
-                    if inc.proc.alive:
-                        inc.ended_at = stopped_at
-            kill_all([*(inc.proc for inc in (fleet.all if fleet else [])), api])
+        kinds = [kind for _ in range(args.trials) for kind in ("crash", "graceful")]
+        for number, kind in enumerate(kinds, 1):
+            trial = run_trial(fleet, kind, rng)
+            trials.append(trial)
+            shown = "none" if trial.seconds is None else f"{trial.seconds * 1000:.0f} ms"
+            progress(
+                f"{mode} trial {number}/{len(kinds)} {kind}: {trial.old_leader} -> "
+                f"{trial.new_leader} in {shown}"
+            )
+        end_of_run = time.time()
+    finally:
+        if poller is not None:
+            poller.stop()
+        stopped_at = time.time()
+        if fleet is not None:
+            for inc in fleet.all:
+                if inc.proc.alive:
+                    inc.ended_at = stopped_at
+        kill_all([*(inc.proc for inc in (fleet.all if fleet else [])), api])
+        if fleet is not None:
+            fleet.session.close()
 
-    assert fleet is not None
     intervals = {inc.key: scheduler_intervals(inc, end_of_run) for inc in fleet.all}
     overlap_s, overlap_episodes = overlap(intervals)
     goal = targets(mode, float(args.ttl_sec), args.renew_ms / 1000.0)
@@ -503,32 +564,70 @@ def main(argv: list[str]) -> int:
             "status_polls_failed": poller.failures,
             "status_overlap_samples": poller.proven_overlaps(),
         }
-    non_json = sum(len(inc.proc.non_json) for inc in fleet.all)
-    result = {
-        "bench": "failover",
+    no_takeover = len(crash["no_takeover_trials"]) + len(graceful["no_takeover_trials"])
+    return {
         "mode": mode,
+        "server_flags": list(SERVER_FLAGS[mode]),
         "server_mode": server_mode,
-        "nodes": args.nodes,
-        "ttl_sec": args.ttl_sec,
-        "renew_ms": args.renew_ms,
-        "request_timeout_ms": args.request_timeout_ms,
         "crash": crash,
         "graceful": graceful,
+        "no_takeover_trials": no_takeover,
         "overlap_ms": round(overlap_s * 1000.0, 3),
         "overlap_episodes": overlap_episodes,
         "leader_intervals": sum(len(spans) for spans in intervals.values()),
         **status,
-        "non_json_stdout_lines": non_json,
+        "non_json_stdout_lines": sum(len(inc.proc.non_json) for inc in fleet.all),
+        "targets": {kind: {k: rounded(v) for k, v in goal[kind].items()} for kind in goal},
+        # A server that does not behave as the mode says measured the wrong thing: a miss.
         "pass": bool(
-            crash["pass"]
+            server_mode == mode
+            and crash["pass"]
             and graceful["pass"]
             and overlap_s == 0
             and status.get("status_overlap_samples", 0) == 0
         ),
+        "loadavg_1m": [load_before, round(os.getloadavg()[0], 2)],
         "elapsed_s": round(time.monotonic() - began, 1),
-        "machine": machine_info(),
     }
-    emit(result)
+
+
+def side_by_side(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The headline figures, one row per figure and one column per mode."""
+    rows: dict[str, dict[str, Any]] = {}
+    for kind in ("crash", "graceful"):
+        for figure in ("median_s", "max_s"):
+            rows[f"{kind}_{figure}"] = {m: r[kind][figure] for m, r in results.items()}
+    rows["overlap_ms"] = {m: r["overlap_ms"] for m, r in results.items()}
+    rows["pass"] = {m: r["pass"] for m, r in results.items()}
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    began = time.monotonic()
+    modes = MODES if args.mode == "both" else (args.mode,)
+    load_before = round(os.getloadavg()[0], 2)
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="conductord-bench-") as tmp:
+        for mode in modes:
+            results[mode] = run_mode(args, mode, os.path.join(tmp, mode))
+    emit(
+        {
+            "bench": "failover",
+            "mode": args.mode,
+            "nodes": args.nodes,
+            "trials": args.trials,
+            "ttl_sec": args.ttl_sec,
+            "renew_ms": args.renew_ms,
+            "request_timeout_ms": args.request_timeout_ms,
+            "modes": results,
+            "side_by_side": side_by_side(results),
+            "pass": all(r["pass"] for r in results.values()),
+            "elapsed_s": round(time.monotonic() - began, 1),
+            "loadavg_1m_at_start": load_before,
+            "machine": machine_info(),
+        }
+    )
     return 0
 
 

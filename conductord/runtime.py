@@ -397,10 +397,14 @@ class Runtime:
         self._loops[name] = greenlet
 
     def _run_loop(self, name: str, interval_s: float, iteration: Callable[[], Any]) -> None:
-        # The first iteration of each loop already ran in the start sequence.
+        # The first iteration of each loop already ran in the start sequence. That acquire
+        # never waits (so --run-once stays quick); a standby parks on the server right after
+        # it instead of one interval later, so a handover in that window is not missed.
         began = self.clock()
+        park_now = name == "lease" and self.machine.state is not LeaseState.LEADER
         while True:
-            remaining = self._pace(name, interval_s, self.clock() - began)
+            remaining = 0.0 if park_now else self._pace(name, interval_s, self.clock() - began)
+            park_now = False
             if remaining > 0:
                 if self._stop_requested.wait(remaining):
                     return

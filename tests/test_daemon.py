@@ -374,3 +374,16 @@ def test_a_leader_that_stepped_down_retries_at_its_pace_not_in_a_spin(fake):
         attempts = fake.server.count("/v1/leader/acquire") - before
         assert 2 <= attempts <= 10, attempts  # renew interval 200 ms: about 5 a second
         assert stop_and_check(daemon) == 0
+
+
+def test_a_standby_parks_on_the_server_right_after_starting(fake):
+    fake.mode = "other"
+    args = node_args(fake.server, **{"--lease-renew-interval-ms": "3000", "--lease-ttl-sec": "10"})
+    with DaemonProcess(args) as daemon:
+        daemon.wait_event("conductor.started")
+        assert fake.server.wait_for(lambda: fake.server.count("/v1/leader/acquire") >= 2, 5)
+        first, second = [r for r in fake.server.requests if r.path == "/v1/leader/acquire"][:2]
+        assert "wait_ms" not in first.json  # the start sequence's acquire never waits
+        assert second.json["wait_ms"] == 3000
+        assert second.at - first.at < 1.5  # not one renew interval (3 s) later
+        assert stop_and_check(daemon) == 0
