@@ -227,3 +227,97 @@ def test_concurrent_acquires_from_many_connections_yield_one_holder_per_term(db_
     finally:
         for s in stores:
             s.close()
+
+
+# -- the cheap paths: denial from a snapshot, heartbeat in one statement ----------------------
+
+
+def _hold_write_lock(db_path):
+    """Another connection (as another process would) holding the database write lock."""
+    other = sqlite3.connect(db_path, isolation_level=None, timeout=0)
+    other.execute("BEGIN IMMEDIATE")
+    return other
+
+
+def test_a_denial_needs_no_write_lock_but_a_change_does(db_path, clock):
+    s = SqliteStore(db_path, clock=clock, busy_timeout_ms=200)
+    try:
+        acquire(s, "a")
+        other = _hold_write_lock(db_path)
+        try:
+            denied = acquire(s, "b")  # decided from a snapshot while the lock is held elsewhere
+            assert (denied.operation, denied.is_leader, denied.row.holder_id) == (
+                "deny",
+                False,
+                "a",
+            )
+            clock.now += 1.0
+            with pytest.raises(StoreError, match="locked"):
+                acquire(s, "a")  # a renewal writes, so it waits for the lock (and times out)
+            with pytest.raises(StoreError, match="locked"):
+                acquire(s, "b", preferred=True)  # a new preference is a change too
+        finally:
+            other.rollback()
+            other.close()
+        assert s.leader().preferred_holder_id is None
+        assert acquire(s, "a").operation == "renew"
+    finally:
+        s.close()
+
+
+class _StaleSnapshotStore(SqliteStore):
+    """Its first read of the lease sees no lease at all, as a snapshot taken long ago would."""
+
+    stale_reads = 1
+
+    def _read_lease(self, conn, lease_name):
+        if self.stale_reads:
+            self.stale_reads -= 1
+            return None
+        return SqliteStore._read_lease(conn, lease_name)
+
+
+def test_a_change_is_decided_again_under_the_lock_never_written_from_the_snapshot(db_path, clock):
+    holder = SqliteStore(db_path, clock=clock)
+    stale = _StaleSnapshotStore(db_path, clock=clock)
+    try:
+        assert acquire(holder, "a").row.term == 1
+        # The snapshot says "free" (a grant); under the lock the live lease of "a" shows.
+        decision = acquire(stale, "b")
+        assert stale.stale_reads == 0
+        assert (decision.operation, decision.is_leader) == ("deny", False)
+        assert (decision.row.holder_id, decision.row.term) == ("a", 1)
+        row = holder.leader()
+        assert (row.holder_id, row.term) == ("a", 1)
+    finally:
+        holder.close()
+        stale.close()
+
+
+@pytest.mark.parametrize("returning", [True, False], ids=["returning", "fallback"])
+def test_heartbeat_upserts_in_either_form_and_leaves_no_transaction_open(db_path, clock, returning):
+    s = SqliteStore(db_path, clock=clock)
+    s._upsert_returning = returning  # the fallback is what SQLite < 3.35 gets
+    try:
+        first = s.heartbeat(controller_id="n1", host="h1", role="standby", priority=5)
+        clock.now += 2.5
+        second = s.heartbeat(controller_id="n1", host="h2", status="leader", heartbeat_at=7)
+        assert (first.first_seen_at, first.last_seen_at) == (1_000.0, 1_000.0)
+        assert second.first_seen_at == 1_000.0 and second.last_seen_at == 1_002.5
+        assert (second.host, second.role, second.priority, second.status) == (
+            "h2",
+            None,
+            None,
+            "leader",
+        )
+        assert second.heartbeat_at == 7
+        assert s.controllers() == [second]
+        assert not s._conn.in_transaction
+        # Committed and unlocked: another connection writes at once, with no busy wait.
+        _hold_write_lock(db_path).close()
+    finally:
+        s.close()
+
+
+def test_heartbeat_uses_returning_on_a_library_that_has_it(store):
+    assert store._upsert_returning == (sqlite3.sqlite_version_info >= (3, 35, 0))

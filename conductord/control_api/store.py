@@ -4,8 +4,9 @@ The app talks to a `Store` only (acquire, release, heartbeat, leader, controller
 the PostgreSQL store (`store_postgres.py`, `--db postgresql://…`, an optional extra) sits beside
 `SqliteStore` and `open_store()` picks one by the `--db` value. Lease decisions come from
 `rules.py`; a store only reads the row, asks the rules, and writes the result inside one
-transaction, reading the server clock after it holds the write lock, so that a decision never
-rests on a stale reading.
+transaction, reading the server clock after it holds the write lock, so that a decision that
+changes the lease never rests on a stale reading (SQLite decides a denial, which writes
+nothing, from a snapshot without the lock: see below).
 
 SQLite specifics:
 - WAL journal with `synchronous=NORMAL`: a commit is in the WAL (the OS page cache) before it
@@ -15,6 +16,17 @@ SQLite specifics:
 - Every lease change runs in `BEGIN IMMEDIATE`, which takes the database write lock before the
   read, so concurrent acquirers (greenlets, threads, even other processes on the same file)
   are serialised and never both win one term. Busy waits are bounded by `busy_timeout`.
+- Acquire decides from a plain read first (an autocommit SELECT: one consistent snapshot)
+  and takes the write lock only when the decision would change the row (grant, renew,
+  takeover, a new preference), then reads and decides again under the lock and writes that
+  second decision, never the first. Most acquires are denials (every standby, every renew
+  interval); a denial changes nothing, so deciding it from a committed snapshot is the same
+  as the request arriving at the moment of that snapshot, when the lease was indeed live.
+  One holder per term and growing terms rest on the locked path alone.
+- Heartbeat is one autocommit `INSERT … ON CONFLICT … RETURNING` (SQLite >= 3.35; older
+  libraries get BEGIN IMMEDIATE, upsert, SELECT, COMMIT). Its `last_seen_at` is read just
+  before the statement rather than under the lock: a heartbeat that waited for another
+  process's lock is stamped when it arrived, which is what the field means.
 - The schema is versioned with `PRAGMA user_version` and migrated forward on open; a newer
   database than this code knows is refused rather than guessed at.
 - The database file is created mode 0600 before SQLite opens it; SQLite gives the `-wal` and
@@ -209,6 +221,15 @@ _CONTROLLER_COLUMNS = (
     "controller_id, host, role, priority, status, version, heartbeat_at, started_at, "
     "first_seen_at, last_seen_at"
 )
+_UPSERT_CONTROLLER = f"""
+    INSERT INTO controllers ({_CONTROLLER_COLUMNS})
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (controller_id) DO UPDATE SET
+        host = excluded.host, role = excluded.role, priority = excluded.priority,
+        status = excluded.status, version = excluded.version,
+        heartbeat_at = excluded.heartbeat_at, started_at = excluded.started_at,
+        last_seen_at = excluded.last_seen_at
+"""
 
 
 def _lease_from_row(values: tuple | None) -> LeaseRow | None:
@@ -232,6 +253,8 @@ class SqliteStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._closed = False
+        # RETURNING arrived in SQLite 3.35 (the library Python runs on, not the module).
+        self._upsert_returning = sqlite3.sqlite_version_info >= (3, 35, 0)
         try:
             if path != ":memory:":
                 _create_private_file(path)
@@ -279,7 +302,8 @@ class SqliteStore:
                 raise StoreError(f"database {self.path}: {exc}") from None
 
     @contextmanager
-    def _reading(self) -> Iterator[sqlite3.Connection]:
+    def _autocommit(self) -> Iterator[sqlite3.Connection]:
+        # No BEGIN: each statement is its own transaction (a read sees one committed snapshot).
         with self._lock:
             if self._closed:
                 raise StoreError("store is closed")
@@ -304,7 +328,7 @@ class SqliteStore:
 
     @property
     def schema_version(self) -> int:
-        with self._reading() as conn:
+        with self._autocommit() as conn:
             return conn.execute("PRAGMA user_version").fetchone()[0]
 
     # -- the Store interface --------------------------------------------------------------
@@ -323,18 +347,27 @@ class SqliteStore:
         client_now: float | None = None,
         lease_name: str = LEASE_NAME,
     ) -> AcquireDecision:
-        with self._immediate() as conn:
-            row = self._read_lease(conn, lease_name)
-            decision = decide_acquire(
+        def decide(row: LeaseRow | None) -> AcquireDecision:
+            return decide_acquire(
                 row,
                 controller_id=controller_id,
                 host=host,
                 ttl_sec=ttl_sec,
                 preferred=preferred,
                 metadata_json=metadata_json,
-                now=self._clock(),
+                now=self._clock(),  # read after the row: the row is never newer than `now`
                 lease_name=lease_name,
             )
+
+        # A denial from a snapshot equals the request arriving at that snapshot, so it needs
+        # no write lock. Anything that would change the row is decided afresh under the lock
+        # below; the snapshot's decision is never written (it may be stale by then).
+        with self._autocommit() as conn:
+            decision = decide(self._read_lease(conn, lease_name))
+        if not decision.changed:
+            return decision
+        with self._immediate() as conn:
+            decision = decide(self._read_lease(conn, lease_name))
             if decision.changed:
                 # The client's clock is kept for diagnosis only; it decides nothing.
                 recorded = client_now if decision.is_leader else None
@@ -365,31 +398,18 @@ class SqliteStore:
         heartbeat_at: int | None = None,
         started_at: int | None = None,
     ) -> ControllerRow:
+        reported = (controller_id, host, role, priority, status, version, heartbeat_at, started_at)
+        if self._upsert_returning:
+            # One statement in autocommit is its own transaction: no BEGIN/SELECT/COMMIT.
+            with self._autocommit() as conn:
+                now = self._clock()
+                rows = conn.execute(
+                    f"{_UPSERT_CONTROLLER} RETURNING {_CONTROLLER_COLUMNS}", (*reported, now, now)
+                ).fetchall()  # drains the statement, so its transaction commits here
+            return ControllerRow(*rows[0])
         with self._immediate() as conn:
             now = self._clock()
-            conn.execute(
-                f"""
-                INSERT INTO controllers ({_CONTROLLER_COLUMNS})
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                ON CONFLICT (controller_id) DO UPDATE SET
-                    host = excluded.host, role = excluded.role, priority = excluded.priority,
-                    status = excluded.status, version = excluded.version,
-                    heartbeat_at = excluded.heartbeat_at, started_at = excluded.started_at,
-                    last_seen_at = excluded.last_seen_at
-                """,
-                (
-                    controller_id,
-                    host,
-                    role,
-                    priority,
-                    status,
-                    version,
-                    heartbeat_at,
-                    started_at,
-                    now,
-                    now,
-                ),
-            )
+            conn.execute(_UPSERT_CONTROLLER, (*reported, now, now))
             values = conn.execute(
                 f"SELECT {_CONTROLLER_COLUMNS} FROM controllers WHERE controller_id = ?",
                 (controller_id,),
@@ -397,11 +417,11 @@ class SqliteStore:
             return ControllerRow(*values)
 
     def leader(self, lease_name: str = LEASE_NAME) -> LeaseRow | None:
-        with self._reading() as conn:
+        with self._autocommit() as conn:
             return self._read_lease(conn, lease_name)
 
     def controllers(self) -> list[ControllerRow]:
-        with self._reading() as conn:
+        with self._autocommit() as conn:
             rows = conn.execute(
                 f"SELECT {_CONTROLLER_COLUMNS} FROM controllers ORDER BY controller_id"
             ).fetchall()
