@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -241,16 +242,94 @@ def _camel(name: str) -> str:
     return head + "".join(part.title() for part in rest)
 
 
+def _accepts(field: fields.Field) -> Callable[[Any], bool] | None:
+    """A test that `field` loads a JSON value as that very value, or None if there is none.
+
+    It only says yes where marshmallow would accept the value and return it unchanged, so a
+    payload that passes gets exactly the result marshmallow would give.
+    """
+    check: Callable[[Any], bool]
+    if type(field) is fields.Raw and not field.validators:
+        return _is_anything
+    if isinstance(field, fields.String) and field.validators == [_not_blank]:
+        check = _is_filled_text
+    elif field.validators:
+        return None
+    elif isinstance(field, StrictInteger):
+        check = _is_int
+    elif isinstance(field, StrictNumber):
+        check = _is_finite_number
+    elif isinstance(field, StrictBoolean):
+        check = _is_bool
+    elif isinstance(field, fields.String):
+        check = _is_text
+    else:
+        return None
+    if field.allow_none:
+        return lambda value: value is None or check(value)
+    return check
+
+
+def _is_anything(value: Any) -> bool:
+    return True
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int
+
+
+def _is_finite_number(value: Any) -> bool:
+    return type(value) is int or (type(value) is float and math.isfinite(value))
+
+
+def _is_bool(value: Any) -> bool:
+    return value is True or value is False
+
+
+def _is_text(value: Any) -> bool:
+    return type(value) is str
+
+
+def _is_filled_text(value: Any) -> bool:
+    return type(value) is str and bool(value.strip())
+
+
 class _CamelTolerantSchema(_WireSchema):
-    """Loads snake_case or camelCase keys; snake_case wins when a payload has both."""
+    """Loads snake_case or camelCase keys; snake_case wins when a payload has both.
+
+    `load_valid` first tries a fast path for the usual answer (snake_case keys, every value
+    of its declared type); anything else goes through marshmallow, which stays the
+    authority. The fast path was worth it: marshmallow took a tenth of the client's CPU per
+    call, on the daemon's idle hot path.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # Worked out once rather than for every field of every answer.
+        self._camel_names = tuple((name, _camel(name)) for name in self.fields)
+        self._plan = tuple(
+            (name, camel, _accepts(self.fields[name])) for name, camel in self._camel_names
+        )
+
+    def load_valid(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """The fields that load cleanly; a wrongly typed optional field counts as absent."""
+        loaded: dict[str, Any] = {}
+        for name, camel, accepts in self._plan:
+            if name in payload:
+                value = payload[name]
+                if accepts is None or not accepts(value):
+                    return _load_valid(self, payload)
+                loaded[name] = value
+            elif camel in payload:
+                return _load_valid(self, payload)
+        return loaded
 
     @pre_load
     def _snake_keys(self, data: Any, **kwargs: Any) -> Any:
         if not isinstance(data, dict):
             return data
         snake = dict(data)
-        for name in self.fields:
-            camel = _camel(name)
+        for name, camel in self._camel_names:
             if name not in snake and camel in snake:
                 snake[name] = snake[camel]
         return snake
@@ -299,7 +378,7 @@ def _load_valid(schema: Schema, payload: Any) -> dict[str, Any]:
 
 
 def _lease_record(raw: Any, fallback: dict[str, Any]) -> LeaseRecord:
-    loaded = _load_valid(_LEASE_RECORD, raw) if isinstance(raw, dict) else {}
+    loaded = _LEASE_RECORD.load_valid(raw) if isinstance(raw, dict) else {}
     return LeaseRecord(
         lease_name=loaded.get("lease_name", DEFAULT_LEASE_NAME),
         holder_id=loaded.get("holder_id", fallback["holder_id"]),
@@ -316,7 +395,7 @@ def parse_acquire_result(payload: Any, *, controller_id: str, host: str, now: in
     """Normalise an acquire answer (§4 rule 5); `now` is the request's own `now`."""
     if not isinstance(payload, dict):
         raise ControlApiError(NON_OBJECT_MESSAGE, path=ACQUIRE_PATH)
-    loaded = _load_valid(_ACQUIRE_RESPONSE, payload)
+    loaded = _ACQUIRE_RESPONSE.load_valid(payload)
     if any(key not in loaded for key in _IDENTITY):
         raise ControlApiError(MISSING_IDENTITY_MESSAGE, path=ACQUIRE_PATH)
     holder_id = loaded["holder_id"]

@@ -7,14 +7,21 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from conductord import __version__
-from conductord.client import MAX_BODY_BYTES, ControlApiClient, ControlApiError
-from conductord.wire import AcquireResult, LeaseRecord, ReleaseResult, success_envelope
+from conductord.client import MAX_BODY_BYTES, ControlApiClient, ControlApiError, _is_plain_success
+from conductord.wire import (
+    AcquireResult,
+    LeaseRecord,
+    ReleaseResult,
+    parse_envelope,
+    success_envelope,
+)
 from tests.support.scripted_server import Reply, ScriptedServer
 
 ACQUIRE = "/v1/leader/acquire"
@@ -628,3 +635,151 @@ def test_under_gevent_each_greenlet_keeps_its_own_deadline(server):
     assert slow_s < 4
     assert quick == "ok"
     assert quick_s < slow_s
+
+
+# -- the lean per-call path (SPEC §11 footprint) --------------------------------------------------
+
+
+def test_a_connection_the_server_dropped_while_idle_is_replaced():
+    # A keep-alive connection the server closed between calls must be noticed before reuse
+    # (the client peeks at it), not written to and reported as a failure.
+    closed = threading.Event()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(2)
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            for _ in range(2):
+                conn, _ = listener.accept()
+                with conn:
+                    conn.settimeout(10)
+                    request = b""
+                    while b"\r\n\r\n" not in request:
+                        request += conn.recv(65536)
+                    body = b'{"ok":true,"request_id":"r","data":7}'
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                        b"content-length: %d\r\n\r\n%s" % (len(body), body)
+                    )
+                closed.set()  # closed without `connection: close`: an idle drop
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        with ControlApiClient(f"http://127.0.0.1:{port}", timeout_ms=5000) as api:
+            assert heartbeat(api) == 7
+            assert closed.wait(10)
+            assert heartbeat(api) == 7
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+def test_calls_after_close_open_a_fresh_connection(server, client):
+    server.default(HEARTBEAT, ok(1))
+    assert heartbeat(client) == 1
+    client.close()
+    assert heartbeat(client) == 1
+    assert server.connections == 2
+
+
+def test_request_head_is_unchanged_by_the_prepared_copies(server):
+    # Each call sends a copy of one prepared request: no header may leak between calls or
+    # paths, and Content-Length always matches the body.
+    server.default(HEARTBEAT, Reply(204))
+    server.default(ACQUIRE, ok(SEED_DATA))
+    with ControlApiClient(server.url, token="secret-token") as api:
+        heartbeat(api)
+        acquire(api, metadata_json="x" * 50)
+        acquire(api)
+    first, second, third = server.requests
+    assert [r.path for r in server.requests] == [HEARTBEAT, ACQUIRE, ACQUIRE]
+    for record in (first, second, third):
+        assert set(record.headers) == {
+            "accept",
+            "accept-encoding",
+            "authorization",
+            "content-length",
+            "content-type",
+            "host",
+            "user-agent",
+        }
+        assert record.headers["content-length"] == str(len(record.body))
+        assert record.headers["accept-encoding"] == "identity"
+    assert len(second.body) > len(third.body)
+
+
+ENVELOPES = [
+    {"ok": True, "request_id": "r", "data": {"a": 1}},
+    {"ok": True, "data": None},
+    {"ok": True, "request_id": None, "data": [1]},
+    {"ok": True, "request_id": 5, "data": 1},  # mistyped request_id: not an envelope
+    {"ok": True, "request_id": "r"},  # no data: not an envelope
+    {"ok": 1, "data": 1},
+    {"ok": False, "request_id": "r", "error": "e", "message": "m"},
+    [1, 2],
+    "text",
+]
+
+
+@pytest.mark.parametrize("payload", ENVELOPES)
+def test_fast_success_check_agrees_with_parse_envelope(payload):
+    envelope = parse_envelope(payload)
+    assert _is_plain_success(payload) == (envelope is not None and envelope.ok)
+    if _is_plain_success(payload):
+        assert payload["data"] == envelope.data
+
+
+def _acquire_payloads():
+    values = {
+        "text": ["n", " ", "", 3, None, True],
+        "int": [3, 3.0, True, "3", None, 2**70],
+        "number": [130, 130.5, float("nan"), float("inf"), False, "1", None],
+        "bool": [True, False, 1, None, "true"],
+        "raw": [None, {}, {"holder_id": "x", "term": 1}, [1]],
+    }
+    kinds = {
+        "holder_id": "text",
+        "holder_host": "text",
+        "term": "int",
+        "lease_expires_at": "number",
+        "renewed_at": "number",
+        "is_leader": "bool",
+        "operation": "text",
+        "lease": "raw",
+    }
+    base = dict(SEED_DATA)
+    yield base
+    for key, kind in kinds.items():
+        for value in values[kind]:
+            yield {**base, key: value}
+        without = dict(base)
+        del without[key]
+        yield without
+        camel = "".join(w if i == 0 else w.title() for i, w in enumerate(key.split("_")))
+        if camel != key:
+            yield {**without, camel: base[key]}
+            yield {**base, camel: "ignored: snake_case wins"}
+    lease = dict(SEED_LEASE)
+    for key in lease:
+        for value in ["", "x", 7, 7.5, None, True]:
+            yield {**base, "lease": {**lease, key: value}}
+
+
+def test_fast_acquire_parsing_agrees_with_marshmallow():
+    # The acquire answer skips marshmallow when every value is plainly of its declared type;
+    # the result must be exactly what marshmallow's own load gives, whatever the payload.
+    from conductord import wire
+
+    checked = 0
+    for payload in _acquire_payloads():
+        for schema, data in (
+            (wire._ACQUIRE_RESPONSE, payload),
+            (wire._LEASE_RECORD, payload.get("lease")),
+        ):
+            if isinstance(data, dict):
+                fast = schema.load_valid(data)
+                slow = wire._load_valid(schema, data)
+                assert fast == slow, data
+                assert [type(v) for v in fast.values()] == [type(slow[k]) for k in fast], data
+                checked += 1
+    assert checked > 100
