@@ -29,9 +29,11 @@ def run_diagnostics(config: Config, *, as_json: bool) -> int:
         role=config.role,
     )
     runtime = Runtime(config, log=log)
-    runtime.start(loops=False)
-    snapshot = runtime.snapshot()
-    runtime.stop()
+    try:
+        runtime.start(loops=False)
+        snapshot = runtime.snapshot()
+    finally:
+        runtime.stop()  # release whatever the start sequence took, even if a step raised
 
     report = build_report(runtime.steps, snapshot)
     if as_json:

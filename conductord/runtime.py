@@ -114,6 +114,8 @@ def count_runs(runs_dir: str | None) -> str:
         return f"{len(os.listdir(runs_dir))} entries in {runs_dir}"
     except FileNotFoundError:
         return f"{runs_dir} does not exist"
+    except OSError as err:  # a file, or unreadable: report it, never crash the start sequence
+        return f"cannot read {runs_dir}: {err.strerror or err}"
 
 
 class Runtime:
@@ -269,6 +271,9 @@ class Runtime:
         self.log.info("conductor.stopping", snapshot=self.snapshot())
         self._stop_requested.set()
 
+        # Known limit: a renewal still in flight after the grace is killed here; if the
+        # server processes it after our release, it grants this stopped node term + 1 and
+        # failover waits one TTL. Never two schedulers: this node schedules nothing more.
         live = [g for g in self._loops.values() if not g.dead]
         gevent.joinall(live, timeout=INFLIGHT_GRACE_S)
         self._group.kill(block=True, timeout=1.0)
@@ -401,7 +406,10 @@ class Runtime:
         # never waits (so --run-once stays quick); a standby parks on the server right after
         # it instead of one interval later, so a handover in that window is not missed.
         began = self.clock()
-        park_now = name == "lease" and self.machine.state is not LeaseState.LEADER
+        m = self.machine
+        park_now = (
+            name == "lease" and m.state is LeaseState.STANDBY and m.consecutive_renew_failures == 0
+        )
         while True:
             remaining = 0.0 if park_now else self._pace(name, interval_s, self.clock() - began)
             park_now = False
@@ -438,6 +446,7 @@ class Runtime:
             "conductor.crashed",
             error=f"{type(exc).__name__}: {exc}",
             snapshot=self.snapshot(),
+            exc_info=exc,
         )
         self._stop_requested.set()
 

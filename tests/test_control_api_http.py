@@ -184,6 +184,9 @@ def test_invalid_json_gives_400(shared_api, data):
 def test_unknown_path_is_a_404_envelope(shared_api):
     assert_error(get(shared_api, "/v1/nope"), 404, "not_found")
     assert_error(get(shared_api, "/"), 404, "not_found")
+    # SPEC §9: an unknown path is a 404 whoever asks; the token guards the routes that exist
+    assert_error(get(shared_api, "/v1/nope", token=False), 404, "not_found")
+    assert_error(get(shared_api, "/v1/leader", token=False), 401, "unauthorized")
 
 
 def test_wrong_method_is_a_405_envelope_with_allow(shared_api):

@@ -387,3 +387,22 @@ def test_a_standby_parks_on_the_server_right_after_starting(fake):
         assert second.json["wait_ms"] == 3000
         assert second.at - first.at < 1.5  # not one renew interval (3 s) later
         assert stop_and_check(daemon) == 0
+
+
+def test_a_failed_first_acquire_waits_an_interval_before_retrying(fake):
+    # One refused acquire at start must not be followed by an instant retry that reaches the
+    # failure threshold within milliseconds (a routine Control API restart is not an outage).
+    fake.server.script(
+        "/v1/leader/acquire",
+        Reply(
+            status=503, body={"ok": False, "request_id": "r", "error": "busy", "message": "restart"}
+        ),
+    )
+    with DaemonProcess(node_args(fake.server, **{"--lease-renew-interval-ms": "400"})) as daemon:
+        daemon.wait_event("conductor.started")
+        assert fake.server.wait_for(lambda: fake.server.count("/v1/leader/acquire") >= 2, 5)
+        first, second = [r for r in fake.server.requests if r.path == "/v1/leader/acquire"][:2]
+        assert second.at - first.at >= 0.3  # the renew interval (400 ms) less its jitter
+        daemon.transition_to("leader")
+        assert not [e for e in daemon.named("lease.transition") if e["to_state"] == "degraded"]
+        assert stop_and_check(daemon) == 0

@@ -121,6 +121,20 @@ def test_a_store_whose_clock_lags_is_asked_again_with_backoff_not_in_a_loop():
     assert 2 <= outcome.rechecks <= 8  # 10, 20, 40, 80, 160 ms ... not one per millisecond
 
 
+def test_a_long_lagging_store_is_still_asked_again_until_it_grants():
+    waiters = LeaseWaiters()
+    stuck = _deny(time.time() + 0.05)
+    grant_after = time.monotonic() + 2.0  # the store agrees the lease expired 2 s late
+
+    def attempt() -> AcquireDecision:
+        return _grant() if time.monotonic() >= grant_after else stuck
+
+    outcome = gevent.spawn(waiters.wait_for_lease, attempt, wait_s=4.0).get(timeout=6.0)
+    # Past seven lagging re-checks the backoff reaches 1 s; the wait must keep asking.
+    assert outcome.end == "granted"
+    assert outcome.waited_s < 3.5
+
+
 def test_wait_ms_passes_without_asking_again():
     waiters = LeaseWaiters()
     denied = _deny(time.time() + 60)

@@ -196,3 +196,17 @@ def test_a_failing_start_step_is_a_loud_crash_that_still_releases_the_lease():
     assert events[-1] == "conductor.stopped"
     assert "conductor.started" not in events
     assert client.releases == [("n1", 4)]  # the lease it took in step 2 was handed back
+
+
+def test_an_unreadable_runs_dir_is_reported_not_fatal(tmp_path):
+    from conductord.runtime import count_runs
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "r1").mkdir()
+    assert count_runs(str(runs)) == f"1 entries in {runs}"
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    assert count_runs(str(not_a_dir)).startswith(f"cannot read {not_a_dir}:")
+    assert count_runs(str(tmp_path / "missing")) == f"{tmp_path / 'missing'} does not exist"
+    assert count_runs(None) == "runs_dir not configured"

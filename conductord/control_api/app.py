@@ -260,11 +260,11 @@ class ControlApiApp:
         return [payload]
 
     def _dispatch(self, request: Request) -> Any:
-        if request.path not in self._public:
-            self._authenticate(request)
         methods = self._routes.get(request.path)
         if methods is None:
             raise HttpError(404, "not_found", f"no route for {request.path}")
+        if request.path not in self._public:
+            self._authenticate(request)
         handler = methods.get(request.method)
         if handler is None:
             allow = ", ".join(sorted(methods))

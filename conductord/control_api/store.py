@@ -37,6 +37,7 @@ SQLite specifics:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sqlite3
@@ -298,7 +299,12 @@ class SqliteStore:
                     raise
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                # e.g. "database is locked" after busy_timeout, or a full disk.
+                # e.g. "database is locked" after busy_timeout, or a full disk. A failed
+                # COMMIT can leave the transaction open; roll it back so the next request
+                # does not fail with "cannot start a transaction within a transaction".
+                if self._conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute("ROLLBACK")
                 raise StoreError(f"database {self.path}: {exc}") from None
 
     @contextmanager

@@ -457,11 +457,13 @@ class PostgresStore:
                 self._stop_listening.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            listening_since = None
             try:
                 conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                listening_since = time.monotonic()
                 if failing:
                     self._log.info("store.listen_recovered", db=self.display)
-                backoff, failing = 0.1, False
+                failing = False
                 self._fire()  # whatever changed while we were not listening
                 while not self._stop_listening.is_set():
                     wait_read(conn.fileno())
@@ -471,9 +473,16 @@ class PostgresStore:
                         self._fire()
             except (psycopg.Error, OSError) as exc:
                 if not self._stop_listening.is_set():
-                    self._log.warning(
-                        "store.listen_failed", db=self.display, error=self._clean(exc)
+                    # A connection that dies soon after LISTEN backs off like one that never
+                    # came up; only a connection that lasted a while starts again at 0.1 s.
+                    lasted = listening_since is not None and (
+                        time.monotonic() - listening_since >= 10.0
                     )
+                    backoff = 0.1 if lasted else min(backoff * 2, 5.0)
+                    if not failing:
+                        self._log.warning(
+                            "store.listen_failed", db=self.display, error=self._clean(exc)
+                        )
                     failing = True
                     self._stop_listening.wait(backoff)
             finally:

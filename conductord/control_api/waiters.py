@@ -173,7 +173,10 @@ class LeaseWaiters:
                     backoff = min(SKEW_RETRY_S * 2 ** min(skewed - 1, 10), SKEW_RETRY_MAX_S)
                     until_expiry = max(until_expiry, backoff)
                 expiry_first = until_expiry < remaining
-                aiming = expiry_first and until_expiry > 2 * REAIM_S
+                # Re-aim only a first, long wait; once the store disagreed about the expiry
+                # (skewed), every timeout must end in a re-check, or the backoff would
+                # keep re-aiming without ever asking the store again.
+                aiming = not skewed and expiry_first and until_expiry > 2 * REAIM_S
                 timeout = until_expiry - REAIM_S if aiming else min(remaining, until_expiry)
                 woken = generation.wait(max(timeout, 0.0))
                 if self._closed:
