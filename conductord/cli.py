@@ -34,6 +34,7 @@ from conductord.config import (
     Setting,
     config_warnings,
     resolve_config,
+    scrub,
 )
 
 __all__ = ["HelpRequested", "help_text", "main", "parse_start_argv"]
@@ -302,12 +303,6 @@ def _argv_secrets(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
     return [s.strip() for s in found if s and s.strip()]
 
 
-def _scrub(text: str, secrets: Sequence[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
-
-
 def main(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     """Run one command; returns the exit status (0, 1, 2 or 3)."""
     environment: Mapping[str, Any] = os.environ if env is None else env
@@ -316,10 +311,10 @@ def main(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     try:
         return _dispatch(argv, environment, secrets)
     except UsageError as err:
-        return fail(_scrub(str(err), secrets), 2)
+        return fail(scrub(str(err), secrets), 2)
     except ConfigError as err:
         for problem in err.problems:
-            fail(_scrub(problem, secrets))
+            fail(scrub(problem, secrets))
         return 2
     except _NotImplementedYet as err:
         return fail(f"{err} is not implemented yet", 1)
@@ -332,4 +327,4 @@ def main(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     except KeyboardInterrupt:
         return fail("interrupted", 1)
     except Exception as err:
-        return fail(_scrub(f"unexpected {type(err).__name__}: {err}", secrets), 1)
+        return fail(scrub(f"unexpected {type(err).__name__}: {err}", secrets), 1)

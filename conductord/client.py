@@ -62,7 +62,7 @@ from conductord.wire import (
     parse_release_result,
 )
 
-__all__ = ["MAX_BODY_BYTES", "ControlApiClient", "ControlApiError"]
+__all__ = ["MAX_BODY_BYTES", "ControlApiClient", "ControlApiError", "describe_transport_error"]
 
 MAX_BODY_BYTES: Final = 1024 * 1024
 _BODY_PREVIEW_CHARS: Final = 200  # §4 rule 2
@@ -262,8 +262,12 @@ def _is_plain_success(payload: Any) -> bool:
     )
 
 
-def _transport_detail(exc: BaseException) -> str:
-    """The most telling cause in requests' and urllib3's layers of wrapping."""
+def describe_transport_error(exc: BaseException) -> str:
+    """The most telling cause in requests' and urllib3's layers of wrapping.
+
+    "Connection refused" rather than the urllib3 pool repr around it; `conductord status`
+    uses it too.
+    """
     seen: set[int] = set()
     queue: list[BaseException] = [exc]
     fallback: BaseException | None = None
@@ -463,7 +467,7 @@ class ControlApiClient:
                 f"Control API {path}: timed out after {budget_ms} ms", path=path
             ) from None
         except Exception as exc:  # requests, urllib3, http.client, ssl, socket: all transport
-            detail = _cut(" ".join(_transport_detail(exc).split()), _BODY_PREVIEW_CHARS)
+            detail = _cut(" ".join(describe_transport_error(exc).split()), _BODY_PREVIEW_CHARS)
             raise ControlApiError(
                 f"Control API {path}: connection failed: {detail}", path=path
             ) from None

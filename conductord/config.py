@@ -11,6 +11,9 @@ Design:
   would let the lease expire before the leader notices are errors, checked here, before any
   greenlet starts (as client-go's leader election checks its own up front).
 - `config_warnings(config)` lists what is legal but risky (SPEC §3 warnings).
+- Small pieces shared with the reference Control API's settings and with `conductord status`:
+  `given` (blank counts as unset), `parse_bool`, `scrub`, `token_warnings` and
+  `validate_local_api`, so each rule and each message exists once.
 
 Secrets: the shared token is a `repr=False` field, `public_dict()` masks it, no error message
 ever quotes it, and every problem line is scrubbed of it as a last line of defence.
@@ -46,9 +49,14 @@ __all__ = [
     "Paths",
     "Setting",
     "config_warnings",
+    "given",
     "is_loopback_host",
+    "parse_bool",
     "resolve_config",
     "resolve_shared_token",
+    "scrub",
+    "token_warnings",
+    "validate_local_api",
 ]
 
 ROLES: Final = ("primary", "standby")
@@ -266,6 +274,9 @@ class Config:
     request_timeout_ms: int = 5000
     paths: Paths = field(default_factory=Paths)
     log_level: str = "info"
+    # True when node_id was derived from the default host: neither the node id nor the host
+    # was given, so every machine started this way gets the same id (see config_warnings).
+    node_id_defaulted: bool = False
 
     @property
     def has_shared_token(self) -> bool:
@@ -274,15 +285,6 @@ class Config:
     @property
     def uses_placeholder_token(self) -> bool:
         return self.shared_token == PLACEHOLDER_TOKEN
-
-    @property
-    def local_api_address(self) -> tuple[str, int] | None:
-        """(host, port) to bind the status endpoint to, or None without a local API."""
-        if self.local_api_base is None:
-            return None
-        parts = urlsplit(self.local_api_base)
-        assert parts.hostname is not None and parts.port is not None  # validated at load
-        return parts.hostname, parts.port
 
     def public_dict(self) -> dict[str, Any]:
         """The `config --json` document: flat keys of the settings table, token masked."""
@@ -362,18 +364,26 @@ _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
 
 
+def parse_bool(text: str) -> bool | None:
+    """1/0, true/false, yes/no, on/off (any case) as a bool; None when `text` is none of them."""
+    lowered = text.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    return None
+
+
 class _Bool(fields.Field):
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
         if isinstance(value, bool):
             return value
-        text = str(value).lower()
-        if text in _TRUE:
-            return True
-        if text in _FALSE:
-            return False
-        raise ValidationError(
-            f"must be one of 1/0, true/false, yes/no, on/off (got {_quote(value)})"
-        )
+        parsed = parse_bool(str(value))
+        if parsed is None:
+            raise ValidationError(
+                f"must be one of 1/0, true/false, yes/no, on/off (got {_quote(value)})"
+            )
+        return parsed
 
 
 def _shown_url(value: str) -> str:
@@ -401,6 +411,19 @@ class _HttpUrl(fields.Field):
         if parts.query or parts.fragment or "?" in text or "#" in text:
             raise ValidationError(f"must not have a query or fragment (got {_shown_url(text)})")
         return text.rstrip("/")
+
+
+def validate_local_api(url: str) -> str:
+    """`url` as a local API base (`http://HOST:PORT`, loopback host), trailing / removed.
+
+    Raises ValueError with the problem line `resolve_config` would give, naming the setting.
+    """
+    try:
+        return _LoopbackUrl().deserialize(url)
+    except ValidationError as err:
+        messages = err.messages if isinstance(err.messages, list) else [str(err.messages)]
+        label = SETTINGS_BY_NAME["local_api_base"].label
+        raise ValueError(f"{label} {messages[0]}") from None
 
 
 class _LoopbackUrl(fields.Field):
@@ -449,7 +472,7 @@ class _Token(fields.Field):
 
 class _ConfigSchema(Schema):
     node_id = fields.String(load_default=None)
-    host = fields.String(load_default="localhost")
+    host = fields.String(load_default=None)  # None until post_load: was it given?
     role = _Choice(ROLES, load_default="primary")
     control_api_base = _HttpUrl(
         required=True,
@@ -492,6 +515,9 @@ class _ConfigSchema(Schema):
     @post_load
     def _role_defaults(self, data: dict[str, Any], **_kwargs: Any) -> Config:
         primary = data["role"] == "primary"
+        data["node_id_defaulted"] = data["node_id"] is None and data["host"] is None
+        if data["host"] is None:
+            data["host"] = SETTINGS_BY_NAME["host"].default
         if data["node_id"] is None:
             data["node_id"] = f"{data['host']}-{'main' if primary else 'standby'}"
         if data["priority"] is None:
@@ -506,8 +532,11 @@ class _ConfigSchema(Schema):
 # Resolution
 
 
-def _given(value: object) -> object | None:
-    """A source value, stripped, with empty or blank counting as unset."""
+def given(value: object) -> Any:
+    """A source value, stripped, with empty or blank counting as unset (None).
+
+    Strings come back stripped; a bool (a `--flag` / `--no-flag` switch) and None pass as is.
+    """
     if value is None or isinstance(value, bool):
         return value
     text = str(value).strip()
@@ -542,7 +571,7 @@ def _token_source(
         (env.get(token_setting.env), env.get(file_setting.env), "variables"),
     )
     for raw_token, raw_path, kind in levels:
-        token, path = _given(raw_token), _given(raw_path)
+        token, path = given(raw_token), given(raw_path)
         if token is not None and path is not None:
             if kind == "flags":
                 names = f"{token_setting.flag} and {file_setting.flag}"
@@ -584,9 +613,9 @@ def resolve_config(flags: Mapping[str, object], env: Mapping[str, str]) -> Confi
     for setting in SETTINGS:
         if setting.name in ("shared_token", "shared_token_file"):
             continue
-        value = _given(flags.get(setting.name))
+        value = given(flags.get(setting.name))
         if value is None:
-            value = _given(env.get(setting.env))
+            value = given(env.get(setting.env))
         if value is not None:
             raw[setting.name] = value
 
@@ -604,7 +633,7 @@ def resolve_config(flags: Mapping[str, object], env: Mapping[str, str]) -> Confi
         problems.extend(_problem_lines(err.messages))
 
     if problems:
-        raise ConfigError([_scrub(line, secrets) for line in problems])
+        raise ConfigError([scrub(line, secrets) for line in problems])
     assert config is not None
     return config
 
@@ -619,7 +648,8 @@ def _problem_lines(messages: Any) -> list[str]:
     return lines
 
 
-def _scrub(text: str, secrets: Iterable[str]) -> str:
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every non-blank secret (stripped) replaced by `***`."""
     for secret in secrets:
         if secret.strip():
             text = text.replace(secret.strip(), "***")
@@ -630,19 +660,50 @@ def _scrub(text: str, secrets: Iterable[str]) -> str:
 # Warnings
 
 
-def config_warnings(config: Config) -> list[str]:
-    """What is legal but risky, one sentence each (SPEC §3). Stats the token file, if any."""
+def token_warnings(token: str | None, token_file: str | None, *, without_token: str) -> list[str]:
+    """The shared token's warnings: none or the placeholder, a token file open to others.
+
+    `without_token` completes the no-token sentence: what that means for the caller (a node's
+    calls fail, the reference Control API accepts anyone). Stats `token_file`, if any.
+    """
     warnings: list[str] = []
-    ttl_ms = config.lease_ttl_sec * 1000
-    if not config.has_shared_token:
+    if not token:
         warnings.append(
             "no shared token (--shared-token-file / BAA_SHARED_TOKEN_FILE or --shared-token /"
-            " BAA_SHARED_TOKEN); authenticated Control API requests will fail"
+            f" BAA_SHARED_TOKEN); {without_token}"
         )
-    elif config.uses_placeholder_token:
+    elif token == PLACEHOLDER_TOKEN:
         warnings.append(
             f"the shared token is still the placeholder {PLACEHOLDER_TOKEN};"
             " replace it before production rollout"
+        )
+    if token_file is not None:
+        try:
+            mode = stat.S_IMODE(os.stat(token_file).st_mode)
+        except OSError:
+            mode = 0
+        if mode & 0o077:
+            warnings.append(
+                f"the shared token file {_quote(token_file)} is accessible by"
+                f" group or others (mode {mode:04o}); run chmod 600 on it"
+            )
+    return warnings
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What is legal but risky, one sentence each (SPEC §3). Stats the token file, if any."""
+    warnings = token_warnings(
+        config.shared_token,
+        config.shared_token_file,
+        without_token="authenticated Control API requests will fail",
+    )
+    ttl_ms = config.lease_ttl_sec * 1000
+    control_api = urlsplit(config.control_api_base)
+    if config.node_id_defaulted and not is_loopback_host(control_api.hostname or ""):
+        node_id, host = SETTINGS_BY_NAME["node_id"], SETTINGS_BY_NAME["host"]
+        warnings.append(
+            f"node id defaults to {config.node_id}: set {node_id.label} (or {host.label}) to a"
+            " name unique in the fleet; two nodes with one id share one lease"
         )
     if config.local_api_base is None:
         warnings.append(
@@ -662,20 +723,10 @@ def config_warnings(config: Config) -> list[str]:
             " count is reached"
         )
     if config.has_shared_token:
-        parts = urlsplit(config.control_api_base)
-        if parts.scheme.lower() == "http" and not is_loopback_host(parts.hostname or ""):
+        is_http = control_api.scheme.lower() == "http"
+        if is_http and not is_loopback_host(control_api.hostname or ""):
             warnings.append(
                 f"the shared token is sent over plain http:// to the non-loopback host"
-                f" {parts.hostname}; use https://"
-            )
-    if config.shared_token_file is not None:
-        try:
-            mode = stat.S_IMODE(os.stat(config.shared_token_file).st_mode)
-        except OSError:
-            mode = 0
-        if mode & 0o077:
-            warnings.append(
-                f"the shared token file {_quote(config.shared_token_file)} is accessible by"
-                f" group or others (mode {mode:04o}); run chmod 600 on it"
+                f" {control_api.hostname}; use https://"
             )
     return warnings

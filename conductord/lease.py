@@ -29,6 +29,13 @@ STARTUP_CHECKLIST: Final[tuple[tuple[str, str], ...]] = (
     ("start-scheduler", "only the leader enters the scheduler loop; a standby refuses"),
 )
 
+# The loops pace each cycle at the interval ±JITTER (runtime.py); the status endpoint's health
+# limits and the simulator assume the same spread.
+JITTER: Final = 0.10
+# How long stop lets an in-flight lease call finish before killing it, so that a renewal
+# the server has not yet processed cannot re-take the lease after our release.
+INFLIGHT_GRACE_S: Final = 0.5
+
 
 def startup_checklist() -> list[dict[str, str]]:
     """The checklist as the snapshot and `checklist --json` show it."""

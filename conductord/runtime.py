@@ -20,7 +20,6 @@ greenlet and must not block for long.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -40,6 +39,8 @@ from conductord import logs
 from conductord.client import ControlApiClient, ControlApiError
 from conductord.config import Config, config_warnings
 from conductord.lease import (
+    INFLIGHT_GRACE_S,
+    JITTER,
     STARTUP_CHECKLIST,
     LeaseMachine,
     LeaseState,
@@ -54,10 +55,6 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_DEGRADED = 3
 
-JITTER = 0.10
-# How long stop lets an in-flight lease call finish before killing it, so that a renewal
-# the server has not yet processed cannot re-take the lease after our release.
-INFLIGHT_GRACE_S = 0.5
 # While failures repeat, remind at most this often (the first failure is always logged).
 FAILURE_REMINDER_S = 60.0
 
@@ -217,7 +214,7 @@ class Runtime:
                 **self.machine.status(self.clock()),
             },
             "loops": {name: self._loop_alive(name) for name in ("heartbeat", "lease")},
-            "paths": dataclasses.asdict(cfg.paths),
+            "paths": cfg.paths.as_dict(),
             "control_api": {
                 "base_url": cfg.control_api_base,
                 "local_api_base": cfg.local_api_base,

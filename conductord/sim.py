@@ -68,10 +68,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from conductord.control_api.rules import LeaseRow, decide_acquire, decide_release
-from conductord.lease import LeaseMachine, LeaseResponse, LeaseState, default_margin_s
+from conductord.lease import (
+    INFLIGHT_GRACE_S,
+    JITTER,
+    LeaseMachine,
+    LeaseResponse,
+    LeaseState,
+    default_margin_s,
+)
 
-JITTER = 0.10  # the lease loop's ±10 %, as in runtime.py
-INFLIGHT_GRACE_S = 0.5  # runtime.py lets an in-flight lease call finish this long on stop
 INF = math.inf
 
 FAULT_KINDS = ("crash", "stop", "partition", "outage", "pause", "gap_pause", "lossy")

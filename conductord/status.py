@@ -44,7 +44,9 @@ from prometheus_client.registry import Collector
 
 from conductord import __version__
 from conductord.argparsing import ArgumentParser, UsageError, fail
-from conductord.lease import LeaseState
+from conductord.client import describe_transport_error
+from conductord.config import SETTINGS_BY_NAME, validate_local_api
+from conductord.lease import JITTER, LeaseState
 
 __all__ = [
     "STATUS_TIMEOUT_S",
@@ -60,8 +62,7 @@ __all__ = [
     "summary_line",
 ]
 
-# The loops pace with ±10 % jitter (runtime.JITTER); a cycle may start that much later.
-_LOOP_JITTER = 0.10
+# The loops pace with ±JITTER; a cycle may start that much later.
 # Slack on top of the worst-case cycle gap (SPEC §8: interval + request timeout + 1 s).
 _HEALTH_SLACK_S = 1.0
 # Idle keep-alive connections are closed after this; longer than common scrape intervals.
@@ -73,7 +74,7 @@ STATUS_TIMEOUT_S = 2.0
 
 _JSON = "application/json"
 _ALLOW = "GET, HEAD"
-_LOCAL_API_LABEL = "--local-api / BAA_CONDUCTOR_LOCAL_API"
+_LOCAL_API = SETTINGS_BY_NAME["local_api_base"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +91,7 @@ def progress_limits(config: Any, lease_state: LeaseState | str) -> dict[str, flo
     timeout_s = config.request_timeout_ms / 1000.0
 
     def limit(interval_ms: int) -> float:
-        return interval_ms / 1000.0 * (1 + _LOOP_JITTER) + timeout_s + _HEALTH_SLACK_S
+        return interval_ms / 1000.0 * (1 + JITTER) + timeout_s + _HEALTH_SLACK_S
 
     lease = limit(config.lease_renew_interval_ms)
     if str(lease_state) != LeaseState.LEADER:
@@ -393,7 +394,7 @@ class StatusServer:
             # gevent appends the address to strerror; the message names it once already.
             reason = os.strerror(err.errno) if err.errno else str(err) or type(err).__name__
             raise StatusServerError(
-                f"cannot serve the status endpoint on {self.url} ({_LOCAL_API_LABEL}): {reason}"
+                f"cannot serve the status endpoint on {self.url} ({_LOCAL_API.label}): {reason}"
             ) from None
         self._port = server.server_port
         self._server = server
@@ -418,25 +419,6 @@ class StatusFetchError(Exception):
         self.unreachable = unreachable
 
 
-def _transport_reason(exc: BaseException) -> str:
-    """The innermost useful cause of a requests failure ("Connection refused"), not the
-    urllib3 pool repr around it."""
-    seen: set[int] = set()
-    stack: list[BaseException] = [exc]
-    while stack:
-        current = stack.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.strerror:
-            return current.strerror
-        stack.extend(a for a in getattr(current, "args", ()) if isinstance(a, BaseException))
-        for nested in (getattr(current, "reason", None), current.__cause__, current.__context__):
-            if isinstance(nested, BaseException):
-                stack.append(nested)
-    return type(exc).__name__
-
-
 def fetch_status(base_url: str, *, timeout_s: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
     """GET `{base_url}/v1/status` and return the snapshot; raises `StatusFetchError`."""
     url = f"{base_url}/v1/status"
@@ -454,7 +436,7 @@ def fetch_status(base_url: str, *, timeout_s: float = STATUS_TIMEOUT_S) -> dict[
         ) from None
     except requests.RequestException as exc:
         raise StatusFetchError(
-            f"cannot reach {base_url}: {_transport_reason(exc)}", unreachable=True
+            f"cannot reach {base_url}: {describe_transport_error(exc)}", unreachable=True
         ) from None
     if response.status_code != 200:
         raise StatusFetchError(
@@ -521,24 +503,17 @@ def _status_parser() -> ArgumentParser:
 
 
 def _resolve_local_api(flag: str | None, env: Mapping[str, str]) -> str:
-    value = (flag or "").strip() or env.get("BAA_CONDUCTOR_LOCAL_API", "").strip()
+    """The node's local API base, validated as the node's own config validates it."""
+    value = (flag or "").strip() or env.get(_LOCAL_API.env, "").strip()
     if not value:
         raise UsageError(
-            f"{_LOCAL_API_LABEL} is not set: pass the node's status URL,"
+            f"{_LOCAL_API.label} is not set: pass the node's status URL,"
             " e.g. --local-api http://127.0.0.1:4317"
         )
-    parts = urlsplit(value)
     try:
-        valid_port = parts.port is not None or ":" not in parts.netloc.rsplit("]", 1)[-1]
-    except ValueError:
-        valid_port = False
-    scheme_ok = parts.scheme.lower() in ("http", "https")
-    if not (scheme_ok and parts.hostname and valid_port) or "@" in parts.netloc:
-        raise UsageError(
-            f"{_LOCAL_API_LABEL} must be an http:// URL such as http://127.0.0.1:4317"
-            f" (got {json.dumps(value)})"
-        )
-    return value.rstrip("/")
+        return validate_local_api(value)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def main(argv: list[str], env: Mapping[str, str]) -> int:

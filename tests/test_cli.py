@@ -172,6 +172,8 @@ def test_config_text_and_warnings(capsys) -> None:
     assert err.splitlines() == [
         "warning: the shared token is still the placeholder replace-me;"
         " replace it before production rollout",
+        "warning: node id defaults to localhost-main: set --node-id / BAA_NODE_ID (or --host /"
+        " BAA_CONDUCTOR_HOST) to a name unique in the fleet; two nodes with one id share one lease",
         "warning: no local API (--local-api / BAA_CONDUCTOR_LOCAL_API); /healthz, /readyz,"
         " /v1/status and /metrics are not served",
     ]
@@ -240,7 +242,7 @@ def spawn_all(
 
 def test_commands_as_subprocesses(tmp_path: Path) -> None:
     cases = {
-        "config": ["config", "--local-api", "http://127.0.0.1:4317"],
+        "config": ["config", "--local-api", "http://127.0.0.1:4317", "--node-id", "n1"],
         "config-json": ["config", "--json"],
         "checklist": ["checklist"],
         "checklist-json": ["checklist", "--json"],
@@ -263,7 +265,7 @@ def test_commands_as_subprocesses(tmp_path: Path) -> None:
     )
     code, out, err = results["config-json"]
     assert code == 0 and json.loads(out)["paths"]["runs_dir"] is None
-    assert err.count("warning: ") == 2
+    assert err.count("warning: ") == 3 and "warning: node id defaults to localhost-main" in err
     code, out, err = results["checklist"]
     assert (code, err) == (0, "")
     assert out.splitlines()[0] == "1. register-controller: " + startup_checklist()[0]["description"]

@@ -15,8 +15,13 @@ from conductord.config import (
     ConfigError,
     Paths,
     config_warnings,
+    given,
     is_loopback_host,
+    parse_bool,
     resolve_config,
+    scrub,
+    token_warnings,
+    validate_local_api,
 )
 
 BASE = {"BAA_CONTROL_API_BASE": "https://control.example.test"}
@@ -55,6 +60,7 @@ def test_defaults_for_primary() -> None:
         node_id="localhost-main",
         control_api_base="https://control.example.test",
         controller_version=__version__,
+        node_id_defaulted=True,
     )
     assert (config.priority, config.preferred, config.log_level) == (100, True, "info")
     assert config.paths == Paths()
@@ -212,18 +218,25 @@ def test_preferred_variable_spellings(raw: str, expected: bool) -> None:
 
 
 @pytest.mark.parametrize(
-    ("url", "address"),
+    ("url", "base"),
     [
-        ("http://127.0.0.1:4317/", ("127.0.0.1", 4317)),
-        ("http://127.9.8.7:80", ("127.9.8.7", 80)),
-        ("http://[::1]:8080", ("::1", 8080)),
-        ("http://LOCALHOST:1", ("localhost", 1)),
+        ("http://127.0.0.1:4317/", "http://127.0.0.1:4317"),
+        ("http://127.9.8.7:80", "http://127.9.8.7:80"),
+        ("http://[::1]:8080", "http://[::1]:8080"),
+        ("http://LOCALHOST:1", "http://LOCALHOST:1"),
     ],
 )
-def test_local_api_accepts_loopback_hosts(url: str, address: tuple[str, int]) -> None:
-    config = resolve_config({"local_api_base": url}, BASE)
-    assert not config.local_api_base.endswith("/")
-    assert config.local_api_address == address
+def test_local_api_accepts_loopback_hosts(url: str, base: str) -> None:
+    assert resolve_config({"local_api_base": url}, BASE).local_api_base == base
+    assert validate_local_api(url) == base
+
+
+def test_validate_local_api_gives_the_config_problem_line() -> None:
+    for url in ("https://127.0.0.1:1", "http://example.com:1", "http://127.0.0.1", "ftp://x:1"):
+        [problem] = problems_of({"local_api_base": url}, BASE)
+        with pytest.raises(ValueError) as caught:
+            validate_local_api(url)
+        assert str(caught.value) == problem, url
 
 
 def test_control_api_base_keeps_a_path_prefix_and_drops_trailing_slashes() -> None:
@@ -328,6 +341,7 @@ def test_public_dict_shape() -> None:
 
 def healthy(tmp_path: Path, **changes: object) -> Config:
     flags = {
+        "node_id": "n1",
         "shared_token_file": token_file(tmp_path, TOKEN),
         "local_api_base": "http://127.0.0.1:4317",
         **changes,
@@ -345,13 +359,14 @@ def only_warning(config: Config) -> str:
 
 
 def test_warning_no_shared_token() -> None:
-    config = resolve_config({"local_api_base": "http://127.0.0.1:1"}, BASE)
+    config = resolve_config({"node_id": "n1", "local_api_base": "http://127.0.0.1:1"}, BASE)
     assert only_warning(config).startswith("no shared token")
 
 
 def test_warning_placeholder_token_names_it() -> None:
     config = resolve_config(
-        {"local_api_base": "http://127.0.0.1:1", "shared_token": "replace-me"}, BASE
+        {"node_id": "n1", "local_api_base": "http://127.0.0.1:1", "shared_token": "replace-me"},
+        BASE,
     )
     assert "placeholder replace-me" in only_warning(config)
 
@@ -394,3 +409,83 @@ def test_warning_token_file_open_to_group_or_others(tmp_path: Path) -> None:
     warning = only_warning(config)
     assert "accessible by group or others (mode 0640)" in warning
     assert TOKEN not in warning
+
+
+def test_warning_default_node_id_against_a_remote_control_api(tmp_path: Path) -> None:
+    config = healthy(tmp_path, node_id=None)
+    assert config.node_id_defaulted
+    assert only_warning(config) == (
+        "node id defaults to localhost-main: set --node-id / BAA_NODE_ID (or --host /"
+        " BAA_CONDUCTOR_HOST) to a name unique in the fleet; two nodes with one id share one lease"
+    )
+    assert "localhost-standby" in only_warning(healthy(tmp_path, node_id=None, role="standby"))
+    assert "node_id_defaulted" not in config.public_dict()
+
+
+@pytest.mark.parametrize(
+    ("flags", "env"),
+    [
+        ({"node_id": "n1"}, {}),
+        ({}, {"BAA_NODE_ID": "n1"}),
+        ({"host": "box"}, {}),
+        ({}, {"BAA_CONDUCTOR_HOST": "box"}),
+        ({"host": "localhost"}, {}),  # given explicitly: the operator chose it
+        ({"control_api_base": "http://127.0.0.1:8787"}, {}),  # a one-machine setup
+        ({"control_api_base": "http://[::1]:8787"}, {}),
+    ],
+)
+def test_no_default_node_id_warning_when_given_or_local(
+    tmp_path: Path, flags: dict[str, str], env: dict[str, str]
+) -> None:
+    flags = {
+        "shared_token_file": token_file(tmp_path, TOKEN),
+        "local_api_base": "http://127.0.0.1:4317",
+        **flags,
+    }
+    config = resolve_config(flags, {**BASE, **env})
+    assert config_warnings(config) == []
+
+
+def test_token_warnings_share_their_wording(tmp_path: Path) -> None:
+    [none] = token_warnings(None, None, without_token="the server accepts anyone")
+    assert none.startswith("no shared token (--shared-token-file / BAA_SHARED_TOKEN_FILE")
+    assert none.endswith("; the server accepts anyone")
+    [placeholder] = token_warnings("replace-me", None, without_token="x")
+    assert "placeholder replace-me" in placeholder
+    assert token_warnings(TOKEN, str(tmp_path / "missing"), without_token="x") == []
+    path = token_file(tmp_path, TOKEN)
+    if os.name == "posix":
+        Path(path).chmod(0o604)
+        [mode] = token_warnings(TOKEN, path, without_token="x")
+        assert f'file "{path}" is accessible by group or others (mode 0604)' in mode
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1", True),
+        ("TRUE", True),
+        ("yes", True),
+        ("On", True),
+        ("0", False),
+        ("false", False),
+        ("NO", False),
+        ("off", False),
+        ("maybe", None),
+        ("", None),
+        (" 1", None),
+    ],
+)
+def test_parse_bool(text: str, expected: bool | None) -> None:
+    assert parse_bool(text) is expected
+
+
+def test_given_and_scrub() -> None:
+    assert (given(None), given("  "), given(" x "), given(False), given(7)) == (
+        None,
+        None,
+        "x",
+        False,
+        "7",
+    )
+    assert scrub("a tok b tok", [" tok ", "", "  "]) == "a *** b ***"

@@ -31,7 +31,7 @@ import requests
 from gevent.event import Event
 from prometheus_client.parser import text_string_to_metric_families
 
-from conductord import __version__, status
+from conductord import __version__, cli, status
 from conductord.config import Config
 from conductord.lease import LeaseMachine, LeaseState, Transition
 from conductord.status import (
@@ -533,10 +533,13 @@ def test_status_command_exit_codes_and_output(
     assert 'last_error="Control API /v1/leader/acquire: timed out"' in out
 
     # Something that is not the status endpoint answers: exit 1, one line.
-    code, out, err = run_status(capsys, ["--local-api", server.url + "/elsewhere"])
+    with ScriptedServer() as fake:
+        fake.default("/v1/status", Reply(status=404, body={"error": "not_found"}))
+        url = fake.url
+        code, out, err = run_status(capsys, ["--local-api", url])
     assert (code, out) == (1, "")
     assert err == (
-        f"conductord: error: {server.url}/elsewhere/v1/status answered HTTP 404;"
+        f"conductord: error: {url}/v1/status answered HTTP 404;"
         " is a conductord status endpoint listening there?\n"
     )
 
@@ -568,7 +571,12 @@ def test_status_command_times_out_after_two_seconds(capsys: pytest.CaptureFixtur
         ([], {}, "--local-api / BAA_CONDUCTOR_LOCAL_API is not set"),
         ([], {"BAA_CONDUCTOR_LOCAL_API": "  "}, "--local-api / BAA_CONDUCTOR_LOCAL_API is not set"),
         (["--local-api", "ftp://127.0.0.1:1"], {}, "must be an http:// URL"),
-        (["--local-api", "http://127.0.0.1:x"], {}, "must be an http:// URL"),
+        (["--local-api", "http://127.0.0.1:x"], {}, "must be http://HOST:PORT with a valid port"),
+        # The same rules as the node's own --local-api: http, loopback, explicit port, no path.
+        (["--local-api", "https://example.com"], {}, "must be an http:// URL"),
+        ([], {"BAA_CONDUCTOR_LOCAL_API": "http://192.0.2.1:4317"}, "must use a loopback host"),
+        (["--local-api", "http://127.0.0.1"], {}, "must name an explicit port"),
+        (["--local-api", "http://127.0.0.1:1/elsewhere"], {}, "must not have a path"),
         (["--local-api"], {}, "expected one argument"),
         (["--bogus"], {}, "unknown option --bogus"),
     ],
@@ -580,6 +588,19 @@ def test_status_command_usage_errors(
     assert (code, out) == (2, "")
     assert err.startswith("conductord: error: ") and expected in err
     assert err.count("\n") == 1
+
+
+def test_status_refuses_a_non_loopback_https_url_as_the_config_does(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # `conductord status` used to accept https:// and any host; it now shares the config's rule.
+    code = in_thread(cli.main, ["status", "--local-api", "https://example.com"], {})
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, "")
+    assert err == (
+        "conductord: error: --local-api / BAA_CONDUCTOR_LOCAL_API must be an http:// URL such as"
+        ' http://127.0.0.1:4317 (got "https://example.com")\n'
+    )
 
 
 def test_status_command_help(capsys: pytest.CaptureFixture[str]) -> None:

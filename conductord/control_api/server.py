@@ -43,7 +43,6 @@ import os
 import re
 import signal
 import socket
-import stat
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -55,7 +54,13 @@ from gevent.event import Event
 from gevent.pywsgi import WSGIHandler, WSGIServer, format_date_time
 
 from conductord.argparsing import ArgumentParser, UsageError, fail
-from conductord.config import PLACEHOLDER_TOKEN, is_loopback_host, resolve_shared_token
+from conductord.config import (
+    given,
+    is_loopback_host,
+    parse_bool,
+    resolve_shared_token,
+    token_warnings,
+)
 from conductord.control_api.app import SOCKET_ENVIRON_KEY, ControlApiApp
 from conductord.control_api.store import (
     Store,
@@ -128,17 +133,10 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def _given(value: Any) -> str | None:
-    if value is None:
-        return None
-    text = str(value).strip()
-    return text or None
-
-
 def resolve_settings(args: Any, env: Mapping[str, str]) -> ServerSettings:
     """Merge default < env < flags and validate; raises `_ConfigProblems` with every problem."""
     problems: list[str] = []
-    listen = _given(args.listen) or _given(env.get("BAA_CONTROL_API_LISTEN")) or DEFAULT_LISTEN
+    listen = given(args.listen) or given(env.get("BAA_CONTROL_API_LISTEN")) or DEFAULT_LISTEN
     host, port = "", 0
     try:
         host, port = parse_listen(listen)
@@ -147,7 +145,7 @@ def resolve_settings(args: Any, env: Mapping[str, str]) -> ServerSettings:
             "--listen / BAA_CONTROL_API_LISTEN must be HOST:PORT with a port 0-65535"
             f' (got "{listen}")'
         )
-    db = _given(args.db) or _given(env.get("BAA_CONTROL_API_DB")) or DEFAULT_DB
+    db = given(args.db) or given(env.get("BAA_CONTROL_API_DB")) or DEFAULT_DB
 
     token, token_file = resolve_shared_token(
         {"shared_token": args.shared_token, "shared_token_file": args.shared_token_file},
@@ -155,7 +153,7 @@ def resolve_settings(args: Any, env: Mapping[str, str]) -> ServerSettings:
         problems,
     )
 
-    log_level = (_given(args.log_level) or _given(env.get("BAA_LOG_LEVEL")) or "info").lower()
+    log_level = (given(args.log_level) or given(env.get("BAA_LOG_LEVEL")) or "info").lower()
     if log_level not in LEVELS:
         problems.append(
             f'--log-level / BAA_LOG_LEVEL must be one of {", ".join(LEVELS)} (got "{log_level}")'
@@ -175,7 +173,7 @@ def resolve_settings(args: Any, env: Mapping[str, str]) -> ServerSettings:
 
 
 def _max_waiters(args: Any, env: Mapping[str, str], problems: list[str]) -> int:
-    text = _given(args.max_waiters) or _given(env.get("BAA_CONTROL_API_MAX_WAITERS"))
+    text = given(args.max_waiters) or given(env.get("BAA_CONTROL_API_MAX_WAITERS"))
     if text is None:
         return DEFAULT_MAX_WAITERS
     if len(text) <= 9 and text.isascii() and text.isdigit() and int(text) >= 1:
@@ -189,11 +187,10 @@ def _max_waiters(args: Any, env: Mapping[str, str], problems: list[str]) -> int:
 def _long_poll(args: Any, env: Mapping[str, str], problems: list[str]) -> bool:
     if args.no_long_poll:
         return False
-    text = (_given(env.get("BAA_CONTROL_API_LONG_POLL")) or "1").lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
+    text = (given(env.get("BAA_CONTROL_API_LONG_POLL")) or "1").lower()
+    enabled = parse_bool(text)
+    if enabled is not None:
+        return enabled
     problems.append(
         "--no-long-poll / BAA_CONTROL_API_LONG_POLL must be one of 1/0, true/false, yes/no,"
         f' on/off (got "{text}")'
@@ -202,26 +199,11 @@ def _long_poll(args: Any, env: Mapping[str, str], problems: list[str]) -> bool:
 
 
 def settings_warnings(settings: ServerSettings) -> list[str]:
-    warnings = []
-    if not settings.token:
-        warnings.append(
-            "no shared token (--shared-token-file / BAA_SHARED_TOKEN_FILE or --shared-token /"
-            " BAA_SHARED_TOKEN); the Control API accepts unauthenticated requests"
-        )
-    elif settings.token == PLACEHOLDER_TOKEN:
-        warnings.append(
-            f"the shared token is still the placeholder {PLACEHOLDER_TOKEN};"
-            " replace it before production rollout"
-        )
-    if settings.token_file:
-        with contextlib.suppress(OSError):
-            mode = stat.S_IMODE(os.stat(settings.token_file).st_mode)
-            if mode & 0o077:
-                warnings.append(
-                    f'the shared token file "{settings.token_file}" is accessible by group or'
-                    f" others (mode {mode:04o}); run chmod 600 on it"
-                )
-    return warnings
+    return token_warnings(
+        settings.token,
+        settings.token_file,
+        without_token="the Control API accepts unauthenticated requests",
+    )
 
 
 # Limits of the request header block, those of `http.client.parse_headers` (gevent's default):
