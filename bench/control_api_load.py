@@ -55,7 +55,6 @@ if __name__ == "__main__" and sys.argv[1:2] == [WORKER_FLAG]:
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import glob  # noqa: E402
 import http.client  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -71,6 +70,7 @@ from _common import (  # noqa: E402
     ControlApi,
     Proc,
     child_env,
+    cpu_ns,
     emit,
     kill_all,
     machine_info,
@@ -92,18 +92,6 @@ TOKEN_ENV = "BAA_SHARED_TOKEN"
 
 
 # -- /proc ----------------------------------------------------------------------------------
-
-
-def cpu_ns(pid: int | str) -> int:
-    """CPU time of every thread of `pid`, in ns, from schedstat (not 10 ms ticks)."""
-    total = 0
-    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
-        try:
-            with open(path, encoding="ascii") as handle:
-                total += int(handle.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue
-    return total
 
 
 def machine_busy_s() -> float:

@@ -41,6 +41,7 @@ from _common import (
     ControlApi,
     Proc,
     child_env,
+    cpu_delta_ns,
     emit,
     free_port,
     is_event,
@@ -49,6 +50,7 @@ from _common import (
     new_token,
     parse_timestamp,
     progress,
+    thread_cpu_ns,
 )
 
 TARGET_RSS_MB = 45.0
@@ -56,18 +58,6 @@ TARGET_CPU_S_PER_HOUR = 4.0
 TARGET_STARTUP_S = 1.0
 DEFAULT_INTERVAL_S = 5.0
 SETTLE_S = 2.0
-
-
-def schedstat_ns(pid: int) -> int:
-    """CPU time of every live thread of `pid`, in ns."""
-    total = 0
-    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
-        try:
-            with open(path, encoding="ascii") as handle:
-                total += int(handle.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue  # the thread exited between glob and open
-    return total
 
 
 def tick_seconds(pid: int) -> float:
@@ -137,10 +127,10 @@ def main(argv: list[str]) -> int:
             time.sleep(SETTLE_S)
 
             mark = len(node.snapshot_events())
-            cpu0, ticks0, t0 = schedstat_ns(node.pid), tick_seconds(node.pid), time.monotonic()
+            cpu0, ticks0, t0 = thread_cpu_ns(node.pid), tick_seconds(node.pid), time.monotonic()
             progress(f"measuring for {args.seconds:g} s")
             time.sleep(args.seconds)
-            cpu1, ticks1, t1 = schedstat_ns(node.pid), tick_seconds(node.pid), time.monotonic()
+            cpu1, ticks1, t1 = thread_cpu_ns(node.pid), tick_seconds(node.pid), time.monotonic()
             rss_kb, hwm_kb = status_kb(node.pid, "VmRSS"), status_kb(node.pid, "VmHWM")
             threads = len(glob.glob(f"/proc/{node.pid}/task/*"))
             alive = node.alive
@@ -149,7 +139,8 @@ def main(argv: list[str]) -> int:
             kill_all([node, api])
 
     window = t1 - t0
-    cpu_per_hour = (cpu1 - cpu0) / 1e9 / window * 3600.0
+    cpu_ns_used = cpu_delta_ns(cpu0, cpu1)
+    cpu_per_hour = cpu_ns_used / 1e9 / window * 3600.0
     ticks_per_hour = (ticks1 - ticks0) / window * 3600.0
     rss_mb = rss_kb / 1024.0
     calls = round(window / DEFAULT_INTERVAL_S * 2)
@@ -163,11 +154,11 @@ def main(argv: list[str]) -> int:
         "startup_s": round(startup_s, 3),
         "rss_mb": round(rss_mb, 2),
         "rss_hwm_mb": round(hwm_kb / 1024.0, 2),
-        "cpu_s_in_window": round((cpu1 - cpu0) / 1e9, 4),
+        "cpu_s_in_window": round(cpu_ns_used / 1e9, 4),
         "cpu_s_per_hour": round(cpu_per_hour, 3),
         "cpu_ticks_s_per_hour": round(ticks_per_hour, 3),
         "expected_calls": calls,
-        "cpu_ms_per_call": round((cpu1 - cpu0) / 1e6 / calls, 3) if calls else None,
+        "cpu_ms_per_call": round(cpu_ns_used / 1e6 / calls, 3) if calls else None,
         "threads": threads,
         "log_lines_in_window": lines_in_window,
         "node_alive": alive,
