@@ -13,7 +13,6 @@ import os
 import secrets
 import socket
 import stat
-import threading
 import time
 
 import pytest
@@ -25,6 +24,7 @@ from conductord.control_api.server import main as server_main
 from conductord.control_api.store import StoreError
 from conductord.logs import configure
 from tests.support.control_api import ControlApiProcess, run_control_api
+from tests.support.race import run_together
 
 ACQUIRE = "/v1/leader/acquire"
 RELEASE = "/v1/leader/release"
@@ -326,25 +326,11 @@ def test_heartbeat_and_controllers(control_api):
 
 
 def test_concurrent_acquires_yield_exactly_one_leader(control_api):
-    threads = 20
-    barrier = threading.Barrier(threads)
-    results: list = [None] * threads
-    errors: list = []
-
     def worker(i):
-        try:
-            with requests.Session() as session:
-                barrier.wait(timeout=20)
-                results[i] = acquire(control_api, f"node-{i}", session=session)
-        except BaseException as exc:
-            errors.append(exc)
+        with requests.Session() as session:
+            return acquire(control_api, f"node-{i}", session=session)
 
-    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join(timeout=60)
-    assert not errors
+    results = run_together(worker, 20)
     leaders = [r for r in results if r["is_leader"]]
     assert len(leaders) == 1
     assert {(r["holder_id"], r["term"]) for r in results} == {(leaders[0]["holder_id"], 1)}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
-import threading
 from dataclasses import replace
 
 import pytest
@@ -16,6 +15,7 @@ from conductord.control_api.store import (
     StoreError,
     open_store,
 )
+from tests.support.race import run_together
 
 
 class FakeClock:
@@ -199,23 +199,9 @@ def test_concurrent_acquires_from_many_connections_yield_one_holder_per_term(db_
     try:
         for round_no in range(1, rounds + 1):
             clock.now += 100.0  # past every previous lease
-            barrier = threading.Barrier(threads)
-            results: list = [None] * threads
-            errors: list[BaseException] = []
-
-            def worker(i, barrier=barrier, results=results, errors=errors):
-                try:
-                    barrier.wait(timeout=10)
-                    results[i] = acquire(stores[i], f"node-{i}", ttl=10)
-                except BaseException as exc:
-                    errors.append(exc)
-
-            pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
-            for t in pool:
-                t.start()
-            for t in pool:
-                t.join(timeout=30)
-            assert not errors
+            results = run_together(
+                lambda i: acquire(stores[i], f"node-{i}", ttl=10), threads, timeout=30
+            )
             winners = [r for r in results if r.operation == "acquire"]
             assert len(winners) == 1
             assert winners[0].row.term == round_no

@@ -36,6 +36,7 @@ from conductord.control_api.store import StoreError, describe_db, dsn_secrets
 from tests.support.control_api import ControlApiProcess, run_control_api
 from tests.support.daemon import DaemonProcess, overlap_seconds, scheduler_intervals
 from tests.support.postgres import fresh_schema, require_dsn
+from tests.support.race import run_together
 
 TTL = 2.0
 RENEW = 0.25
@@ -439,45 +440,34 @@ def test_concurrent_acquires_through_both_servers_never_share_a_term(servers):
     workers, rounds = 6, 12
     seen: dict[int, set[str]] = defaultdict(set)
     grants: list[int] = []
-    errors: list[BaseException] = []
     lock = threading.Lock()
-    barrier = threading.Barrier(workers)
 
     def race(index: int) -> None:
         me = f"racer-{index}"
         server = servers[index % 2]
         with requests.Session() as session:
             session.headers.update(server.headers)
-            try:
-                barrier.wait(timeout=30)
-                for _ in range(rounds):
-                    answer = session.post(
-                        f"{server.url}/v1/leader/acquire",
-                        json={"controller_id": me, "host": "h", "ttl_sec": 30},
+            for _ in range(rounds):
+                answer = session.post(
+                    f"{server.url}/v1/leader/acquire",
+                    json={"controller_id": me, "host": "h", "ttl_sec": 30},
+                    timeout=10,
+                )
+                answer.raise_for_status()
+                data = answer.json()["data"]
+                with lock:
+                    seen[data["term"]].add(data["holder_id"])
+                    if data["is_leader"] and data["operation"] == "acquire":
+                        grants.append(data["term"])
+                if data["is_leader"]:
+                    released = session.post(
+                        f"{server.url}/v1/leader/release",
+                        json={"controller_id": me, "term": data["term"]},
                         timeout=10,
                     )
-                    answer.raise_for_status()
-                    data = answer.json()["data"]
-                    with lock:
-                        seen[data["term"]].add(data["holder_id"])
-                        if data["is_leader"] and data["operation"] == "acquire":
-                            grants.append(data["term"])
-                    if data["is_leader"]:
-                        released = session.post(
-                            f"{server.url}/v1/leader/release",
-                            json={"controller_id": me, "term": data["term"]},
-                            timeout=10,
-                        )
-                        assert released.json()["data"]["released"] is True
-            except BaseException as exc:
-                errors.append(exc)
+                    assert released.json()["data"]["released"] is True
 
-    threads = [threading.Thread(target=race, args=(i,)) for i in range(workers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert errors == []
+    run_together(race, workers)
     assert {term: holders for term, holders in seen.items() if len(holders) > 1} == {}
     assert sorted(grants) == list(range(1, len(grants) + 1))
     assert len(grants) >= 3

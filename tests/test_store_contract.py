@@ -22,6 +22,7 @@ import pytest
 
 from conductord.control_api.store import SqliteStore, StoreError
 from tests.support.postgres import admin, fresh_schema, require_dsn
+from tests.support.race import run_together
 
 
 class FakeClock:
@@ -304,32 +305,20 @@ def test_concurrent_acquires_from_many_stores_give_one_holder_per_term(opened, b
     stores = [opened() for _ in range(workers)]
     seen: dict[int, set[str]] = defaultdict(set)
     grants: list[tuple[int, str]] = []
-    errors: list[BaseException] = []
     lock = threading.Lock()
-    barrier = threading.Barrier(workers)
 
     def race(index: int) -> None:
         me = f"node-{index}"
-        try:
-            barrier.wait(timeout=30)
-            for _ in range(rounds):
-                decision = acquire(stores[index], me, ttl=30)
-                with lock:
-                    seen[decision.row.term].add(decision.row.holder_id)
-                    if decision.operation == "acquire":
-                        grants.append((decision.row.term, me))
-                if decision.is_leader:
-                    assert stores[index].release(controller_id=me, term=decision.row.term).released
-        except BaseException as exc:
-            errors.append(exc)
+        for _ in range(rounds):
+            decision = acquire(stores[index], me, ttl=30)
+            with lock:
+                seen[decision.row.term].add(decision.row.holder_id)
+                if decision.operation == "acquire":
+                    grants.append((decision.row.term, me))
+            if decision.is_leader:
+                assert stores[index].release(controller_id=me, term=decision.row.term).released
 
-    threads = [threading.Thread(target=race, args=(i,)) for i in range(workers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not any(thread.is_alive() for thread in threads)
-    assert errors == []
+    run_together(race, workers)
     assert {term: holders for term, holders in seen.items() if len(holders) > 1} == {}
     terms = sorted(term for term, _ in grants)
     assert terms == list(range(1, len(terms) + 1))  # each grant exactly term + 1
