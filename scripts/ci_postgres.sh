@@ -63,7 +63,15 @@ CONF
 status="$(pg_lsclusters -h "$VERSION" "$CLUSTER" | awk '{print $4}')"
 if [ "$status" != "online" ]; then
     say "starting cluster $VERSION/$CLUSTER"
-    pg_ctlcluster "$VERSION" "$CLUSTER" start >&2
+    # A postmaster killed a moment ago (the previous session's processes are ended before CI)
+    # can leave a socket lock file naming a PID not yet reaped; retry briefly.
+    for attempt in 1 2 3 4 5; do
+        if pg_ctlcluster "$VERSION" "$CLUSTER" start >&2; then
+            break
+        fi
+        [ "$attempt" -lt 5 ] || { say "could not start cluster $VERSION/$CLUSTER"; exit 1; }
+        sleep 2
+    done
 fi
 PORT="$(pg_lsclusters -h "$VERSION" "$CLUSTER" | awk '{print $3}')"
 
