@@ -374,6 +374,7 @@ class ControlApiClient:
         version: str | None,
         heartbeat_at: int | None,
         started_at: int | None,
+        instance_id: str | None = None,
     ) -> object:
         """Register or refresh this node; returns the response data (None for no body)."""
         body = _HEARTBEAT_SCHEMA.dump(
@@ -386,6 +387,7 @@ class ControlApiClient:
                 "version": version,
                 "heartbeat_at": heartbeat_at,
                 "started_at": started_at,
+                "instance_id": instance_id,
             }
         )
         return self._post(HEARTBEAT_PATH, body)
@@ -400,6 +402,7 @@ class ControlApiClient:
         now: int | None = None,
         metadata_json: str | None = None,
         wait_ms: int | None = None,
+        instance_id: str | None = None,
     ) -> AcquireResult:
         """Acquire or renew the lease; `wait_ms` > 0 long-polls (§12) and extends the budget."""
         if now is None:
@@ -414,14 +417,21 @@ class ControlApiClient:
                 "metadata_json": metadata_json,
                 "now": now,
                 "wait_ms": wait or None,
+                "instance_id": instance_id,
             }
         )
         data = self._post(ACQUIRE_PATH, body, extra_ms=wait)
-        return parse_acquire_result(data, controller_id=controller_id, host=host, now=now)
+        return parse_acquire_result(
+            data, controller_id=controller_id, host=host, now=now, instance_id=instance_id
+        )
 
-    def release_leader_lease(self, *, controller_id: str, term: int) -> ReleaseResult:
+    def release_leader_lease(
+        self, *, controller_id: str, term: int, instance_id: str | None = None
+    ) -> ReleaseResult:
         """Give the lease up; a server without this endpoint (404) yields supported=False."""
-        body = _RELEASE_SCHEMA.dump({"controller_id": controller_id, "term": term})
+        body = _RELEASE_SCHEMA.dump(
+            {"controller_id": controller_id, "term": term, "instance_id": instance_id}
+        )
         try:
             data = self._post(RELEASE_PATH, body)
         except ControlApiError as err:

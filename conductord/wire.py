@@ -74,6 +74,7 @@ class LeaseRecord:
     renewed_at: float
     preferred_holder_id: str | None
     metadata_json: str | None
+    holder_instance_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,11 @@ class AcquireResult:
     is_leader: bool
     operation: str  # "acquire" | "renew"
     lease: LeaseRecord
+    # The holder's process instance when the server tracks instances (SPEC §15), else None.
+    holder_instance_id: str | None = None
+    # The holder is this controller id but another instance of it: a copied config or a
+    # second process. Never leader then, whatever `is_leader` said.
+    instance_conflict: bool = False
 
 
 @dataclass(frozen=True)
@@ -171,6 +177,7 @@ class HeartbeatRequestSchema(_WireSchema):
     version = fields.String()
     heartbeat_at = StrictInteger()
     started_at = StrictInteger()
+    instance_id = fields.String(validate=_not_blank)
 
 
 class AcquireRequestSchema(_WireSchema):
@@ -183,11 +190,14 @@ class AcquireRequestSchema(_WireSchema):
     metadata_json = fields.String(allow_none=True)
     now = StrictNumber()
     wait_ms = StrictInteger(validate=validate.Range(min=0, max=MAX_WAIT_MS))
+    # The process instance of the controller (SPEC §15); absent from older nodes.
+    instance_id = fields.String(validate=_not_blank)
 
 
 class ReleaseRequestSchema(_WireSchema):
     controller_id = _required_text()
     term = StrictInteger(required=True, validate=validate.Range(min=0))
+    instance_id = fields.String(validate=_not_blank)
 
 
 # -- envelopes ---------------------------------------------------------------------------------
@@ -344,6 +354,7 @@ class _LeaseRecordSchema(_CamelTolerantSchema):
     renewed_at = StrictNumber()
     preferred_holder_id = fields.String(allow_none=True)
     metadata_json = fields.String(allow_none=True)
+    holder_instance_id = fields.String(allow_none=True)
 
 
 class _AcquireResponseSchema(_CamelTolerantSchema):
@@ -355,6 +366,7 @@ class _AcquireResponseSchema(_CamelTolerantSchema):
     is_leader = StrictBoolean()
     operation = fields.String()
     lease = fields.Raw(allow_none=True)
+    holder_instance_id = fields.String(allow_none=True)
 
 
 class _ReleaseResponseSchema(_CamelTolerantSchema):
@@ -388,11 +400,18 @@ def _lease_record(raw: Any, fallback: dict[str, Any]) -> LeaseRecord:
         renewed_at=loaded.get("renewed_at", fallback["renewed_at"]),
         preferred_holder_id=loaded.get("preferred_holder_id"),
         metadata_json=loaded.get("metadata_json"),
+        holder_instance_id=loaded.get("holder_instance_id", fallback.get("holder_instance_id")),
     )
 
 
-def parse_acquire_result(payload: Any, *, controller_id: str, host: str, now: int) -> AcquireResult:
-    """Normalise an acquire answer (§4 rule 5); `now` is the request's own `now`."""
+def parse_acquire_result(
+    payload: Any, *, controller_id: str, host: str, now: int, instance_id: str | None = None
+) -> AcquireResult:
+    """Normalise an acquire answer (§4 rule 5); `now` is the request's own `now`.
+
+    `instance_id` is this process's instance (SPEC §15): an answer naming our controller id
+    with another instance is an identity conflict and never makes us leader.
+    """
     if not isinstance(payload, dict):
         raise ControlApiError(NON_OBJECT_MESSAGE, path=ACQUIRE_PATH)
     loaded = _ACQUIRE_RESPONSE.load_valid(payload)
@@ -407,18 +426,33 @@ def parse_acquire_result(payload: Any, *, controller_id: str, host: str, now: in
         "lease_expires_at": loaded["lease_expires_at"],
         "renewed_at": loaded.get("renewed_at", now),
     }
+    holder_instance = loaded.get("holder_instance_id")
+    conflict = (
+        is_self
+        and instance_id is not None
+        and holder_instance is not None
+        and holder_instance != instance_id
+    )
     return AcquireResult(
         **top,
-        # Leadership needs the server's word AND this node named as holder (module docstring).
-        is_leader=loaded.get("is_leader", True) and is_self,
+        # Leadership needs the server's word AND this node (this very instance, when both
+        # sides know instances) named as holder (module docstring).
+        is_leader=loaded.get("is_leader", True) and is_self and not conflict,
         operation="renew" if loaded.get("operation") == "renew" else "acquire",
-        lease=_lease_record(loaded.get("lease"), top),
+        lease=_lease_record(loaded.get("lease"), {**top, "holder_instance_id": holder_instance}),
+        holder_instance_id=holder_instance,
+        instance_conflict=conflict,
     )
 
 
 def acquire_result_to_wire(result: AcquireResult) -> dict[str, Any]:
-    """The acquire answer's `data`, snake_case with the nested lease record."""
-    return dataclasses.asdict(result)
+    """The acquire answer's `data`, snake_case with the nested lease record.
+
+    `instance_conflict` is the client's reading of an answer, not a wire field.
+    """
+    data = dataclasses.asdict(result)
+    del data["instance_conflict"]
+    return data
 
 
 def parse_release_result(payload: Any) -> ReleaseResult:

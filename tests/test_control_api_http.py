@@ -772,6 +772,7 @@ def _sample_bodies(field_names, seed):
         "version": "1",
         "heartbeat_at": 1,
         "started_at": 1,
+        "instance_id": "0f3c9a",
     }
     bodies = [{}, {"unknown": 1}, {name: valid[name] for name in field_names}]
     for name in field_names:  # every odd value in every field of an otherwise valid body

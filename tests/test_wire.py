@@ -305,6 +305,7 @@ def test_acquire_full_snake_case():
         "renewed_at": 100,
         "preferred_holder_id": "mini-main",
         "metadata_json": None,
+        "holder_instance_id": None,
     }
     payload = {**lease, "is_leader": True, "operation": "renew", "lease": lease}
     del payload["lease_name"], payload["preferred_holder_id"], payload["metadata_json"]
@@ -417,6 +418,49 @@ def test_acquire_is_never_leader_when_another_node_is_named():
     assert parse(payload).is_leader is False
 
 
+def test_acquire_another_instance_of_this_id_is_a_conflict_never_a_leader():
+    # SPEC §15: the same controller id from another process must not lead beside it.
+    payload = {
+        "holder_id": "mini-main",
+        "term": 4,
+        "lease_expires_at": 5,
+        "is_leader": True,
+        "holder_instance_id": "other-instance",
+    }
+    conflict = parse_acquire_result(
+        payload, controller_id="mini-main", host="mini", now=1, instance_id="mine"
+    )
+    assert (conflict.is_leader, conflict.instance_conflict) == (False, True)
+    assert conflict.holder_instance_id == "other-instance"
+    assert conflict.lease.holder_instance_id == "other-instance"
+    ours = parse_acquire_result(
+        {**payload, "holder_instance_id": "mine"},
+        controller_id="mini-main",
+        host="mini",
+        now=1,
+        instance_id="mine",
+    )
+    assert (ours.is_leader, ours.instance_conflict) == (True, False)
+    # A server that ignores instances (no field) or a node without one: no conflict to see.
+    del payload["holder_instance_id"]
+    old_server = parse_acquire_result(
+        payload, controller_id="mini-main", host="mini", now=1, instance_id="mine"
+    )
+    assert (old_server.is_leader, old_server.instance_conflict) == (True, False)
+    assert "instance_conflict" not in acquire_result_to_wire(conflict)
+
+
+def test_instance_id_is_an_optional_request_field():
+    for schema, body in (
+        (HeartbeatRequestSchema(), {"controller_id": "a", "host": "h"}),
+        (AcquireRequestSchema(), {"controller_id": "a", "host": "h", "ttl_sec": 5}),
+        (ReleaseRequestSchema(), {"controller_id": "a", "term": 1}),
+    ):
+        assert "instance_id" not in schema.load(body)
+        assert schema.load({**body, "instance_id": "i-1"})["instance_id"] == "i-1"
+        assert "instance_id" in load_errors(schema, {**body, "instance_id": " "})
+
+
 def test_acquire_partial_nested_lease_takes_the_rest_from_top_level():
     result = parse(
         {
@@ -447,6 +491,7 @@ def test_release_result_round_trip():
             "renewed_at": 90,
             "preferred_holder_id": None,
             "metadata_json": None,
+            "holder_instance_id": None,
         },
     }
     assert parse_release_result(wire) == result
