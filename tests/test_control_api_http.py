@@ -264,6 +264,10 @@ def test_acquire_renew_deny_release_over_http(control_api):
 
     taken = acquire(control_api, "b")
     assert (taken["operation"], taken["holder_id"], taken["term"]) == ("acquire", "b", 2)
+    # The server logs before it answers, but the test reads its stdout on another thread.
+    deadline = time.monotonic() + 10
+    while len(control_api.logs("lease.granted")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
     entries = control_api.logs()
     events = [e["event"] for e in entries]
     assert events.count("lease.granted") == 2
@@ -490,6 +494,9 @@ class _FailingStore:
 
     def now(self):
         return time.time()
+
+    def lease_time(self):
+        return time.monotonic()
 
 
 def _call(app, path="/v1/leader"):

@@ -12,7 +12,18 @@ from conductord.control_api.rules import (
 )
 
 
-def acquire(row, controller_id="a", *, now, ttl=10, preferred=False, host=None, metadata=None):
+def acquire(
+    row,
+    controller_id="a",
+    *,
+    now,
+    ttl=10,
+    preferred=False,
+    host=None,
+    metadata=None,
+    wall=None,
+    instance=None,
+):
     return decide_acquire(
         row,
         controller_id=controller_id,
@@ -21,6 +32,8 @@ def acquire(row, controller_id="a", *, now, ttl=10, preferred=False, host=None, 
         preferred=preferred,
         metadata_json=metadata,
         now=now,
+        wall=wall,
+        instance_id=instance,
     )
 
 
@@ -191,3 +204,78 @@ def test_is_live_boundaries():
     row = LeaseRow(LEASE_NAME, "a", "h", 1, lease_expires_at=10.5, renewed_at=0.5)
     assert row.is_live(10.49)
     assert not row.is_live(10.5)
+
+
+# -- two clocks (SPEC §15) -------------------------------------------------------------------
+
+
+def test_expiry_is_decided_on_the_decision_clock_never_on_the_wall_clock():
+    # The decision clock says 100; the wall clock (display only) says anything at all.
+    held = acquire(None, "a", now=100.0, wall=1_700_000_000.0, ttl=10).row
+    assert (held.deadline, held.lease_expires_at) == (110.0, 1_700_000_010.0)
+    # A +60 s wall step changes nothing: still live on the decision clock.
+    stepped = acquire(held, "b", now=105.0, wall=1_700_000_065.0)
+    assert (stepped.operation, stepped.is_leader) == ("deny", False)
+    # A -60 s wall step does not lengthen it either.
+    back = acquire(held, "b", now=110.0, wall=1_699_999_950.0)
+    assert (back.operation, back.row.term) == ("acquire", 2)
+    assert back.row.renewed_at == 1_699_999_950.0
+
+
+def test_release_ends_the_lease_on_both_clocks():
+    held = acquire(None, "a", now=100.0, wall=5000.0, ttl=30).row
+    released = decide_release(held, controller_id="a", term=1, now=101.0, wall=5001.0).row
+    assert (released.deadline, released.lease_expires_at) == (101.0, 5001.0)
+    assert not released.is_live(101.0)
+
+
+# -- instances (SPEC §15) --------------------------------------------------------------------
+
+
+def test_another_instance_of_the_holders_id_is_refused_and_changes_nothing():
+    held = acquire(None, "a", now=100.0, instance="i-1").row
+    assert held.holder_instance_id == "i-1"
+    decision = acquire(held, "a", now=101.0, instance="i-2")
+    assert (decision.operation, decision.is_leader, decision.conflict) == ("deny", False, True)
+    assert decision.row == held and not decision.changed
+    assert decision.holder_change == "instance_conflict"
+    # The holder's own instance renews as usual.
+    ours = acquire(held, "a", now=101.0, instance="i-1")
+    assert (ours.operation, ours.conflict, ours.holder_change) == ("renew", False, None)
+
+
+def test_once_the_conflicting_lease_ends_the_other_instance_may_acquire():
+    held = acquire(None, "a", now=100.0, ttl=10, instance="i-1").row
+    after = acquire(held, "a", now=110.0, instance="i-2")
+    assert (after.operation, after.row.term, after.row.holder_instance_id) == ("acquire", 2, "i-2")
+    released = decide_release(held, controller_id="a", term=1, now=101.0, instance_id="i-1").row
+    again = acquire(released, "a", now=101.5, instance="i-2")
+    assert (again.operation, again.row.term) == ("acquire", 2)
+
+
+def test_a_side_without_an_instance_conflicts_with_nothing():
+    # An older node (no instance id) renews a row held by a known instance, and the row keeps
+    # that instance; a row without one is claimed by the first instance that renews it.
+    held = acquire(None, "a", now=100.0, instance="i-1").row
+    old_node = acquire(held, "a", now=101.0)
+    assert (old_node.operation, old_node.row.holder_instance_id) == ("renew", "i-1")
+    unknown = acquire(None, "a", now=100.0).row
+    claimed = acquire(unknown, "a", now=101.0, instance="i-9")
+    assert (claimed.operation, claimed.row.holder_instance_id) == ("renew", "i-9")
+
+
+def test_release_from_another_instance_is_refused():
+    held = acquire(None, "a", now=100.0, instance="i-1").row
+    refused = decide_release(held, controller_id="a", term=1, now=101.0, instance_id="i-2")
+    assert (refused.released, refused.conflict, refused.changed) == (False, True, False)
+    assert refused.row.is_live(101.0)
+    ok = decide_release(held, controller_id="a", term=1, now=101.0, instance_id="i-1")
+    assert (ok.released, ok.conflict) == (True, False)
+
+
+def test_holder_changes_for_the_history():
+    first = acquire(None, "a", now=100.0, ttl=5)
+    assert first.holder_change == "granted"
+    assert acquire(first.row, "a", now=101.0).holder_change is None  # a renewal
+    assert acquire(first.row, "b", now=101.0).holder_change is None  # a denial
+    assert acquire(first.row, "b", now=106.0).holder_change == "taken_over"

@@ -38,7 +38,7 @@ def clock():
 
 @pytest.fixture
 def store(db_path, clock):
-    s = SqliteStore(db_path, clock=clock)
+    s = SqliteStore(db_path, clock=clock, lease_clock=clock)
     yield s
     s.close()
 
@@ -126,29 +126,169 @@ def test_client_now_is_recorded_not_trusted(store, db_path, clock):
 
 
 def test_terms_survive_restart(db_path, clock):
-    s = SqliteStore(db_path, clock=clock)
+    s = SqliteStore(db_path, clock=clock, lease_clock=clock)
     acquire(s, "a")
     assert s.release(controller_id="a", term=1).released
     s.close()
-    s = SqliteStore(db_path, clock=clock)
+    s = SqliteStore(db_path, clock=clock, lease_clock=clock)
     assert s.leader().term == 1
     assert acquire(s, "b").row.term == 2
     clock.now += 60  # expires without release
     s.close()
-    s = SqliteStore(db_path, clock=clock)
+    s = SqliteStore(db_path, clock=clock, lease_clock=clock)
     assert acquire(s, "a").row.term == 3
     s.close()
 
 
 def test_a_live_lease_survives_restart_and_its_holder_resumes(db_path, clock):
-    s = SqliteStore(db_path, clock=clock)
+    s = SqliteStore(db_path, clock=clock, lease_clock=clock)
     acquire(s, "a", ttl=30)
     s.close()
-    s = SqliteStore(db_path, clock=clock)
+    s = SqliteStore(db_path, clock=clock, lease_clock=clock)
     assert acquire(s, "b").operation == "deny"
     resumed = acquire(s, "a")
     assert (resumed.operation, resumed.row.term) == ("renew", 1)
     s.close()
+
+
+# -- clocks and restarts (SPEC §15) -----------------------------------------------------------
+
+
+def test_a_wall_clock_step_never_shortens_a_live_lease(db_path, clock):
+    wall = FakeClock(1_700_000_000.0)
+    s = SqliteStore(db_path, clock=wall, lease_clock=clock)
+    acquire(s, "a", ttl=10)
+    wall.now += 60  # NTP at boot, a resumed VM: the wall clock jumps, the lease clock does not
+    clock.now += 5
+    assert acquire(s, "b").operation == "deny"
+    clock.now += 5  # one TTL on the lease clock: now it has expired
+    taken = acquire(s, "b")
+    assert (taken.operation, taken.row.term) == ("acquire", 2)
+    assert taken.row.lease_expires_at == wall.now + 10  # the wire still shows wall time
+    s.close()
+
+
+def test_a_restart_on_the_same_boot_keeps_the_exact_deadline(db_path, clock):
+    s = SqliteStore(db_path, clock=clock, lease_clock=clock, boot_id=lambda: "boot-1")
+    acquire(s, "a", ttl=10)
+    s.close()
+    clock.now += 4
+    s = SqliteStore(db_path, clock=clock, lease_clock=clock, boot_id=lambda: "boot-1")
+    clock.now += 6  # 10 s after the grant: expired exactly on time, not a TTL after restart
+    assert acquire(s, "b").operation == "acquire"
+    s.close()
+
+
+@pytest.mark.parametrize("wall_step", [0.0, 3600.0, -3600.0])
+def test_a_restart_on_another_boot_honours_every_unreleased_lease_for_a_full_ttl(
+    db_path, clock, wall_step
+):
+    wall = FakeClock(1_700_000_000.0)
+    s = SqliteStore(db_path, clock=wall, lease_clock=clock, boot_id=lambda: "boot-1")
+    acquire(s, "a", ttl=10)
+    s.close()
+    # The machine reboots: the lease clock starts again near zero, the wall clock may step.
+    wall.now += wall_step
+    clock.now = 3.0
+    s = SqliteStore(db_path, clock=wall, lease_clock=clock, boot_id=lambda: "boot-2")
+    clock.now += 9.9
+    assert acquire(s, "b").operation == "deny"
+    assert acquire(s, "a").operation == "renew"  # the holder may resume, as after any restart
+    clock.now += 10.0
+    assert acquire(s, "b").operation == "acquire"
+    s.close()
+
+
+def test_a_released_lease_is_not_held_back_by_the_restart_rule(db_path, clock):
+    s = SqliteStore(db_path, clock=clock, lease_clock=clock, boot_id=lambda: "boot-1")
+    acquire(s, "a", ttl=10)
+    assert s.release(controller_id="a", term=1).released
+    s.close()
+    clock.now = 1.0
+    s = SqliteStore(db_path, clock=clock, lease_clock=clock, boot_id=lambda: "boot-2")
+    assert acquire(s, "b").operation == "acquire"
+    s.close()
+
+
+_SCHEMA_V1 = (
+    """CREATE TABLE leases (
+        lease_name TEXT PRIMARY KEY, holder_id TEXT NOT NULL, holder_host TEXT NOT NULL,
+        term INTEGER NOT NULL CHECK (term >= 1), lease_expires_at REAL NOT NULL,
+        renewed_at REAL NOT NULL, preferred_holder_id TEXT, metadata_json TEXT,
+        released INTEGER NOT NULL DEFAULT 0, last_client_now REAL, updated_at REAL NOT NULL)""",
+    """CREATE TABLE controllers (
+        controller_id TEXT PRIMARY KEY, host TEXT NOT NULL, role TEXT, priority INTEGER,
+        status TEXT, version TEXT, heartbeat_at INTEGER, started_at INTEGER,
+        first_seen_at REAL NOT NULL, last_seen_at REAL NOT NULL)""",
+)
+
+
+def test_a_database_written_by_schema_1_upgrades_in_place(db_path, clock):
+    # What the previous release wrote: schema 1, a live lease of term 7 held by "a".
+    with sqlite3.connect(db_path) as conn:
+        for statement in _SCHEMA_V1:
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO leases VALUES ('global', 'a', 'a-host', 7, ?, ?, NULL, NULL, 0, NULL, ?)",
+            (clock.now + 10, clock.now, clock.now),
+        )
+        conn.execute(
+            "INSERT INTO controllers VALUES ('a', 'a-host', 'primary', 100, 'leader', '0.1.0',"
+            " 1, 1, ?, ?)",
+            (clock.now, clock.now),
+        )
+        conn.execute("PRAGMA user_version = 1")
+    s = SqliteStore(db_path, clock=clock, lease_clock=clock)
+    assert s.schema_version == SCHEMA_VERSION
+    row = s.leader()
+    assert (row.holder_id, row.term, row.holder_instance_id) == ("a", 7, None)
+    assert row.deadline == pytest.approx(clock.now + 10)  # one full TTL from the upgrade
+    assert acquire(s, "b").operation == "deny"
+    resumed = s.acquire(
+        controller_id="a", host="a-host", ttl_sec=10, preferred=False, instance_id="i-1"
+    )
+    assert (resumed.operation, resumed.row.term, resumed.row.holder_instance_id) == (
+        "renew",
+        7,
+        "i-1",
+    )
+    assert [c.controller_id for c in s.controllers()] == ["a"]
+    s.close()
+
+
+# -- instances (SPEC §15) -------------------------------------------------------------------
+
+
+def test_another_instance_of_the_holder_is_refused_its_renewal_and_release(store, clock):
+    def call(instance, **kwargs):
+        return store.acquire(
+            controller_id="a", host="a-host", ttl_sec=10, preferred=False, instance_id=instance
+        )
+
+    assert call("i-1").operation == "acquire"
+    conflict = call("i-2")
+    assert (conflict.operation, conflict.conflict, conflict.is_leader) == ("deny", True, False)
+    refused = store.release(controller_id="a", term=1, instance_id="i-2")
+    assert (refused.released, refused.conflict) == (False, True)
+    assert store.leader().is_live(store.lease_time())
+    assert store.release(controller_id="a", term=1, instance_id="i-1").released
+
+
+def test_heartbeats_record_every_instance_of_a_controller_id(store, clock):
+    def beat(instance, host):
+        return store.heartbeat(controller_id="a", host=host, instance_id=instance)
+
+    assert beat("i-1", "mini-1").instance_id == "i-1"
+    clock.now += 1
+    assert beat("i-2", "mini-2").instance_id == "i-2"
+    clock.now += 1
+    store.heartbeat(controller_id="b", host="b-host")  # an older node: no instance at all
+    rows = {row.controller_id: row for row in store.controllers()}
+    a = rows["a"]
+    assert [entry[:2] for entry in a.instances] == [("i-2", "mini-2"), ("i-1", "mini-1")]
+    assert len(a.recent_instances(clock.now, window_sec=30)) == 2
+    assert len(a.recent_instances(clock.now + 30, window_sec=30)) == 0
+    assert rows["b"].instances == () and rows["b"].instance_id is None
 
 
 def test_a_lower_term_is_never_written(store, clock):
@@ -195,7 +335,7 @@ def test_concurrent_acquires_from_many_connections_yield_one_holder_per_term(db_
     """Each thread has its own store (connection) on the same file, like separate servers."""
     threads = 12
     rounds = 4
-    stores = [SqliteStore(db_path, clock=clock) for _ in range(threads)]
+    stores = [SqliteStore(db_path, clock=clock, lease_clock=clock) for _ in range(threads)]
     try:
         for round_no in range(1, rounds + 1):
             clock.now += 100.0  # past every previous lease
@@ -226,7 +366,7 @@ def _hold_write_lock(db_path):
 
 
 def test_a_denial_needs_no_write_lock_but_a_change_does(db_path, clock):
-    s = SqliteStore(db_path, clock=clock, busy_timeout_ms=200)
+    s = SqliteStore(db_path, clock=clock, lease_clock=clock, busy_timeout_ms=200)
     try:
         acquire(s, "a")
         other = _hold_write_lock(db_path)
@@ -264,8 +404,8 @@ class _StaleSnapshotStore(SqliteStore):
 
 
 def test_a_change_is_decided_again_under_the_lock_never_written_from_the_snapshot(db_path, clock):
-    holder = SqliteStore(db_path, clock=clock)
-    stale = _StaleSnapshotStore(db_path, clock=clock)
+    holder = SqliteStore(db_path, clock=clock, lease_clock=clock)
+    stale = _StaleSnapshotStore(db_path, clock=clock, lease_clock=clock)
     try:
         assert acquire(holder, "a").row.term == 1
         # The snapshot says "free" (a grant); under the lock the live lease of "a" shows.
@@ -282,7 +422,7 @@ def test_a_change_is_decided_again_under_the_lock_never_written_from_the_snapsho
 
 @pytest.mark.parametrize("returning", [True, False], ids=["returning", "fallback"])
 def test_heartbeat_upserts_in_either_form_and_leaves_no_transaction_open(db_path, clock, returning):
-    s = SqliteStore(db_path, clock=clock)
+    s = SqliteStore(db_path, clock=clock, lease_clock=clock)
     s._upsert_returning = returning  # the fallback is what SQLite < 3.35 gets
     try:
         first = s.heartbeat(controller_id="n1", host="h1", role="standby", priority=5)

@@ -3,10 +3,11 @@
 Each test gets a `Backend` that opens stores on one fresh database (SQLite: a temp file;
 PostgreSQL: a fresh schema, see tests/support/postgres.py) and can move time forward:
 - SQLite takes an injected clock, so `advance()` moves a fake clock;
-- PostgreSQL's clock is the database's own and cannot be faked, so `advance()` moves the stored
-  times (lease expiry, renewal, heartbeats) back by the same amount, which is the same thing
-  as far as every rule is concerned. `test_real_time_expiry_on_the_store_clock` lets real time
-  pass instead, on both backends, so the database clock itself is exercised too.
+- PostgreSQL stamps rows with the database's own clock, which cannot be faked, so `advance()`
+  moves the stored times (lease expiry, renewal, heartbeats) back by the same amount and moves
+  the fake lease clock each store process judges expiry on (SPEC §15) forward.
+  `test_real_time_expiry_on_the_store_clock` lets real time pass instead, on both backends,
+  so the real clocks are exercised too.
 PostgreSQL cases fail in CI when no server is configured, and skip elsewhere.
 """
 
@@ -57,7 +58,7 @@ def _sqlite_backend(tmp_path) -> Iterator[Backend]:
 
     yield Backend(
         "sqlite",
-        lambda: SqliteStore(path, clock=clock),
+        lambda: SqliteStore(path, clock=clock, lease_clock=clock),
         advance,
         set_version,
         lambda: SqliteStore(path),
@@ -69,8 +70,10 @@ def _postgres_backend() -> Iterator[Backend]:
     from conductord.control_api.store_postgres import PostgresStore
 
     with fresh_schema(base) as dsn:
+        clock = FakeClock()
 
         def advance(seconds: float) -> None:
+            clock.now += seconds
             admin(
                 dsn,
                 f"UPDATE leases SET lease_expires_at = lease_expires_at - {seconds},"
@@ -84,7 +87,7 @@ def _postgres_backend() -> Iterator[Backend]:
 
         yield Backend(
             "postgres",
-            lambda: PostgresStore(dsn, min_size=1, max_size=4),
+            lambda: PostgresStore(dsn, min_size=1, max_size=4, lease_clock=clock),
             advance,
             set_version,
             lambda: PostgresStore(dsn, min_size=1, max_size=4),
@@ -199,6 +202,12 @@ def test_terms_survive_reopening_the_database(opened, backend):
     second.close()
     backend.advance(5)  # expires without a release while no server runs
     third = opened()
+    if backend.name == "postgres":
+        # A process that never saw this revision judges it on its own clock only: live one
+        # TTL from its first look (the restart rule, SPEC §15). SQLite, on the same boot, kept
+        # the exact deadline on the boot clock.
+        assert acquire(third, "a").operation == "deny"
+        backend.advance(2)
     resumed = acquire(third, "a")
     assert (resumed.operation, resumed.row.term, resumed.takeover) == ("acquire", 3, True)
 
@@ -324,3 +333,126 @@ def test_concurrent_acquires_from_many_stores_give_one_holder_per_term(opened, b
     assert terms == list(range(1, len(terms) + 1))  # each grant exactly term + 1
     assert len(terms) >= 3  # the race really happened (dozens of grants are typical)
     assert len({holder for _, holder in grants}) >= 2
+
+
+# -- instances (SPEC §15), both stores -----------------------------------------------------------
+
+
+def _as(store, controller_id, instance, *, ttl=10):
+    return store.acquire(
+        controller_id=controller_id,
+        host=f"{controller_id}-host",
+        ttl_sec=ttl,
+        preferred=False,
+        instance_id=instance,
+    )
+
+
+def test_one_id_from_two_instances_never_has_two_leaders(store, backend):
+    assert _as(store, "a", "i-1").operation == "acquire"
+    conflict = _as(store, "a", "i-2")
+    assert (conflict.operation, conflict.is_leader, conflict.conflict) == ("deny", False, True)
+    assert store.leader().holder_instance_id == "i-1"
+    refused = store.release(controller_id="a", term=1, instance_id="i-2")
+    assert (refused.released, refused.conflict) == (False, True)
+    assert _as(store, "a", "i-1").operation == "renew"  # the holder is untouched
+    backend.advance(11)  # once its lease has expired, the other instance may take it
+    taken = _as(store, "a", "i-2")
+    assert (taken.operation, taken.row.term, taken.row.holder_instance_id) == ("acquire", 2, "i-2")
+
+
+def test_heartbeats_list_every_instance_of_an_id(store, backend):
+    store.heartbeat(controller_id="a", host="mini-1", instance_id="i-1")
+    backend.advance(1)
+    store.heartbeat(controller_id="a", host="mini-2", instance_id="i-2")
+    store.heartbeat(controller_id="b", host="b-host")
+    rows = {row.controller_id: row for row in store.controllers()}
+    assert rows["a"].instance_id == "i-2"
+    assert [entry[:2] for entry in rows["a"].instances] == [("i-2", "mini-2"), ("i-1", "mini-1")]
+    assert len(rows["a"].recent_instances(store.now(), window_sec=30)) == 2
+    assert rows["b"].instances == ()
+
+
+# -- PostgreSQL: expiry on each process's own clock (SPEC §15) -----------------------------------
+
+
+@pytest.fixture
+def pg_dsn() -> Iterator[str]:
+    base = require_dsn()
+    with fresh_schema(base) as dsn:
+        yield dsn
+
+
+def test_postgres_never_grants_early_when_the_database_clock_steps(pg_dsn):
+    from conductord.control_api.store_postgres import PostgresStore
+
+    clock_a, clock_b = FakeClock(), FakeClock(50.0)  # two processes, two unrelated clocks
+    a = PostgresStore(pg_dsn, min_size=1, max_size=2, lease_clock=clock_a)
+    b = PostgresStore(pg_dsn, min_size=1, max_size=2, lease_clock=clock_b)
+    try:
+        assert acquire(a, "leader", ttl=10).operation == "acquire"
+        assert acquire(b, "standby").operation == "deny"  # b first sees the lease now
+        # The database clock jumps 60 s forward: by its own stamps the lease expired long ago.
+        admin(pg_dsn, "UPDATE leases SET lease_expires_at = lease_expires_at - 60,"
+              " renewed_at = renewed_at - 60")
+        clock_b.now += 9.9
+        assert acquire(b, "standby").operation == "deny"
+        clock_b.now += 0.2  # a full TTL on b's own clock since it first saw that revision
+        taken = acquire(b, "standby")
+        assert (taken.operation, taken.row.term) == ("acquire", 2)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_postgres_sees_renewals_through_notify_so_failover_takes_one_ttl(pg_dsn):
+    import gevent  # the LISTEN loop is a greenlet: wait with gevent.sleep so it runs
+
+    from conductord.control_api.store_postgres import PostgresStore
+
+    clock_a, clock_b = FakeClock(), FakeClock()
+    a = PostgresStore(pg_dsn, min_size=1, max_size=2, lease_clock=clock_a)
+    b = PostgresStore(pg_dsn, min_size=1, max_size=2, lease_clock=clock_b)
+    woken: list[int] = []
+    try:
+        b.watch(lambda: woken.append(1))
+        acquire(a, "leader", ttl=10)
+        deadline = time.monotonic() + 5
+        while not woken:  # the listener is up (it fires once when it connects)
+            assert time.monotonic() < deadline
+            gevent.sleep(0.01)
+        clock_b.now += 6
+        renewed = acquire(a, "leader", ttl=10)
+        assert renewed.operation == "renew"
+        wakes = len(woken)
+        while b._sightings.get("global", (0, 0))[1] != clock_b.now:
+            assert time.monotonic() < deadline
+            gevent.sleep(0.01)
+        assert len(woken) == wakes  # a renewal does not wake parked waiters
+        clock_b.now += 10.1  # one TTL after the renewal, as b heard it
+        taken = acquire(b, "standby")
+        assert (taken.operation, taken.row.term) == ("acquire", 2)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_postgres_preference_writes_do_not_keep_a_dead_lease_alive(pg_dsn):
+    # Two preferred standbys on one process rewrite preferred_holder_id on every denial. The
+    # lease itself does not change, so it must keep ageing (found by the e2e failover test).
+    from conductord.control_api.store_postgres import PostgresStore
+
+    clock_a, clock_b = FakeClock(), FakeClock()
+    a = PostgresStore(pg_dsn, min_size=1, max_size=2, lease_clock=clock_a)
+    b = PostgresStore(pg_dsn, min_size=1, max_size=2, lease_clock=clock_b)
+    try:
+        acquire(a, "leader", ttl=10)  # and then it dies: no more renewals
+        for _ in range(4):
+            assert acquire(b, "s1", preferred=True).operation == "deny"
+            assert acquire(b, "s2", preferred=True).operation == "deny"
+            clock_b.now += 2.6
+        taken = acquire(b, "s1", preferred=True)
+        assert (taken.operation, taken.row.term) == ("acquire", 2)
+    finally:
+        a.close()
+        b.close()

@@ -67,6 +67,12 @@ MAX_BODY_BYTES = 64 * 1024
 # Where the server puts the accepted socket, so a parked request can tell its client left.
 SOCKET_ENVIRON_KEY = "conductord.socket"
 
+# `lease.instance_conflict` is logged at most this often per (controller id, instance).
+CONFLICT_LOG_INTERVAL_S = 60.0
+# Without a lease to take the TTL from, two instances heartbeating within this window are
+# reported as a duplicate id.
+DUPLICATE_WINDOW_S = 30.0
+
 StartResponse = Callable[..., Any]
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -133,6 +139,7 @@ def lease_record(row: LeaseRow) -> wire.LeaseRecord:
         renewed_at=_wire_time(row.renewed_at),
         preferred_holder_id=row.preferred_holder_id,
         metadata_json=row.metadata_json,
+        holder_instance_id=row.holder_instance_id,
     )
 
 
@@ -148,6 +155,7 @@ def acquire_result(decision: AcquireDecision) -> wire.AcquireResult:
         # The wire knows "acquire" and "renew"; a denial is an acquire that did not win.
         operation="renew" if decision.operation == "renew" else "acquire",
         lease=lease_record(row),
+        holder_instance_id=row.holder_instance_id,
     )
 
 
@@ -156,7 +164,10 @@ def release_result(decision: ReleaseDecision) -> wire.ReleaseResult:
     return wire.ReleaseResult(released=decision.released, supported=True, lease=lease)
 
 
-def controller_record(row: ControllerRow, now: float) -> dict[str, Any]:
+def controller_record(row: ControllerRow, now: float, window_sec: float) -> dict[str, Any]:
+    """A controller as `GET /v1/controllers` shows it; `duplicate` when two instances of its
+    id heartbeated within `window_sec` (SPEC §15: a copied config, a second process)."""
+    recent = row.recent_instances(now, window_sec)
     return {
         "controller_id": row.controller_id,
         "host": row.host,
@@ -169,6 +180,16 @@ def controller_record(row: ControllerRow, now: float) -> dict[str, Any]:
         "first_seen_at": _wire_time(row.first_seen_at),
         "last_seen_at": _wire_time(row.last_seen_at),
         "seconds_since_heartbeat": round(row.seconds_since_heartbeat(now), 3),
+        "instance_id": row.instance_id,
+        "instances": [
+            {
+                "instance_id": instance_id,
+                "host": host,
+                "seconds_since_heartbeat": round(max(now - seen, 0.0), 3),
+            }
+            for instance_id, host, seen in recent
+        ],
+        "duplicate": len(recent) > 1,
     }
 
 
@@ -191,7 +212,8 @@ class ControlApiApp:
         self._token = token.encode("utf-8") if token else None
         self._log = log if log is not None else get_logger()
         self.long_poll = long_poll
-        self.waiters = LeaseWaiters(max_waiters=max_waiters, clock=store.now)
+        self.waiters = LeaseWaiters(max_waiters=max_waiters, clock=store.lease_time)
+        self._conflicts = _RateLimit(CONFLICT_LOG_INTERVAL_S, time.monotonic)
         watch = getattr(store, "watch", None)
         if watch is not None:
             watch(self.waiters.wake_all)
@@ -345,8 +367,9 @@ class ControlApiApp:
             version=body.get("version"),
             heartbeat_at=body.get("heartbeat_at"),
             started_at=body.get("started_at"),
+            instance_id=body.get("instance_id"),
         )
-        return controller_record(row, self._store.now())
+        return controller_record(row, self._store.now(), DUPLICATE_WINDOW_S)
 
     def _acquire(self, request: Request) -> dict[str, Any]:
         body = self._load(request, self._acquire_schema)
@@ -355,7 +378,7 @@ class ControlApiApp:
             decision = self._wait_for_lease(body, wait_ms, request)
         else:
             decision = self._acquire_lease(body)
-        self._log_acquire(decision, request)
+        self._log_acquire(decision, request, body.get("instance_id"))
         return wire.acquire_result_to_wire(acquire_result(decision))
 
     def _wait_for_lease(
@@ -400,6 +423,7 @@ class ControlApiApp:
             preferred=bool(body.get("preferred", False)),
             metadata_json=body.get("metadata_json"),
             client_now=body.get("now"),
+            instance_id=body.get("instance_id"),
         )
         if decision.operation == "acquire":
             # A new holder: parked waiters look again (they park on, now until the new expiry).
@@ -408,7 +432,13 @@ class ControlApiApp:
 
     def _release(self, request: Request) -> dict[str, Any]:
         body = self._load(request, self._release_schema)
-        decision = self._store.release(controller_id=body["controller_id"], term=body["term"])
+        decision = self._store.release(
+            controller_id=body["controller_id"],
+            term=body["term"],
+            instance_id=body.get("instance_id"),
+        )
+        if decision.conflict and decision.row is not None:
+            self._log_conflict(decision.row, body.get("instance_id"), "release", request)
         if decision.released and decision.changed and decision.row is not None:
             self.waiters.wake(decision.row.lease_name)
             self._log.info(
@@ -430,28 +460,55 @@ class ControlApiApp:
 
     def _leader(self, request: Request) -> dict[str, Any]:
         row = self._store.leader()
-        now = self._store.now()
+        now, wall = self._store.lease_time(), self._store.now()
         live = row is not None and row.is_live(now)
         return {
             "lease": dataclasses.asdict(lease_record(row)) if row is not None else None,
             "is_live": live,
-            "expires_in_sec": round(row.lease_expires_at - now, 3) if live and row else None,
-            "server_time": _wire_time(now),
+            # On the decision clock: what this server will honour, whatever the wall says.
+            "expires_in_sec": round(row.expires - now, 3) if live and row else None,
+            "server_time": _wire_time(wall),
             "waiters": self.waiters.parked,
         }
 
     def _controllers(self, request: Request) -> dict[str, Any]:
         rows = self._store.controllers()
         now = self._store.now()
+        # Two instances of one id heartbeating within a lease TTL are two live processes.
+        lease = self._store.leader()
+        window = max(lease.ttl_sec, 1.0) if lease is not None else DUPLICATE_WINDOW_S
         return {
-            "controllers": [controller_record(row, now) for row in rows],
+            "controllers": [controller_record(row, now, window) for row in rows],
             "server_time": _wire_time(now),
         }
 
     # -- logs ------------------------------------------------------------------------------
 
-    def _log_acquire(self, decision: AcquireDecision, request: Request) -> None:
+    def _log_conflict(
+        self, row: LeaseRow, instance_id: str | None, operation: str, request: Request
+    ) -> None:
+        """`lease.instance_conflict`, at most once a minute per (controller, instance)."""
+        if not self._conflicts.allow((row.holder_id, instance_id)):
+            return
+        self._log.warning(
+            "lease.instance_conflict",
+            controller_id=row.holder_id,
+            instance_id=instance_id,
+            holder_instance_id=row.holder_instance_id,
+            holder_host=row.holder_host,
+            term=row.term,
+            operation=operation,
+            remote_addr=request.environ.get("REMOTE_ADDR"),
+            request_id=request.request_id,
+        )
+
+    def _log_acquire(
+        self, decision: AcquireDecision, request: Request, instance_id: str | None
+    ) -> None:
         row, previous = decision.row, decision.previous
+        if decision.conflict:
+            self._log_conflict(row, instance_id, "acquire", request)
+            return
         fields = {
             "holder_id": row.holder_id,
             "holder_host": row.holder_host,
@@ -476,6 +533,26 @@ class ControlApiApp:
                 previous_term=previous.term if previous else None,
                 **fields,
             )
+
+
+class _RateLimit:
+    """Says yes to a key at most once per `interval` seconds (bounded memory)."""
+
+    def __init__(self, interval: float, clock: Callable[[], float], max_keys: int = 10_000):
+        self._interval = interval
+        self._clock = clock
+        self._max_keys = max_keys
+        self._last: dict[Any, float] = {}
+
+    def allow(self, key: Any) -> bool:
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            return False
+        if len(self._last) >= self._max_keys:
+            self._last = {k: t for k, t in self._last.items() if now - t < self._interval}
+        self._last[key] = now
+        return True
 
 
 def _request_id(environ: Mapping[str, Any]) -> str:

@@ -27,6 +27,16 @@ SQLite specifics:
   libraries get BEGIN IMMEDIATE, upsert, SELECT, COMMIT). Its `last_seen_at` is read just
   before the statement rather than under the lock: a heartbeat that waited for another
   process's lock is stamped when it arrived, which is what the field means.
+- Lease expiry is decided on the lease clock (`conductord.clock.lease_clock`, CLOCK_BOOTTIME
+  on Linux), never on the wall clock: a row keeps its `deadline` on that clock and the
+  `boot_id` it belongs to. The wall clock only stamps `lease_expires_at` / `renewed_at` for
+  display, so a step of the server's clock (NTP at boot, a resumed VM) never shortens a live
+  lease (SPEC §15). On open, every unreleased lease whose deadline belongs to another boot (or
+  to none) gets a fresh deadline of one full TTL from now: the restart rule, judged without
+  the wall clock, which may have stepped with the restart; on the same boot the stored
+  deadline is exact and kept.
+- Heartbeats record the sender's instance in `controller_instances`, so two processes with one
+  controller id show up (SPEC §15); rows not heard of for a day are pruned.
 - The schema is versioned with `PRAGMA user_version` and migrated forward on open; a newer
   database than this code knows is refused rather than guessed at.
 - The database file is created mode 0600 before SQLite opens it; SQLite gives the `-wal` and
@@ -38,6 +48,7 @@ SQLite specifics:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import sqlite3
@@ -49,6 +60,7 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from conductord import clock as lease_clocks
 from conductord.control_api.rules import (
     LEASE_NAME,
     AcquireDecision,
@@ -58,7 +70,9 @@ from conductord.control_api.rules import (
     decide_release,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Instance rows of controllers not heard of for this long are dropped.
+INSTANCE_RETENTION_SEC = 86_400.0
 
 Clock = Callable[[], float]
 
@@ -81,9 +95,16 @@ class ControllerRow:
     started_at: int | None
     first_seen_at: float
     last_seen_at: float
+    instance_id: str | None = None
+    # Every instance heard of under this id, newest first: (instance_id, host, last_seen_at).
+    instances: tuple[tuple[str, str, float], ...] = ()
 
     def seconds_since_heartbeat(self, now: float) -> float:
         return max(0.0, now - self.last_seen_at)
+
+    def recent_instances(self, now: float, window_sec: float) -> list[tuple[str, str, float]]:
+        """The instances that heartbeated within `window_sec` of `now`."""
+        return [entry for entry in self.instances if now - entry[2] <= window_sec]
 
 
 class Store(Protocol):
@@ -104,9 +125,12 @@ class Store(Protocol):
         preferred: bool,
         metadata_json: str | None = None,
         client_now: float | None = None,
+        instance_id: str | None = None,
     ) -> AcquireDecision: ...
 
-    def release(self, *, controller_id: str, term: int) -> ReleaseDecision: ...
+    def release(
+        self, *, controller_id: str, term: int, instance_id: str | None = None
+    ) -> ReleaseDecision: ...
 
     def heartbeat(
         self,
@@ -119,13 +143,20 @@ class Store(Protocol):
         version: str | None = None,
         heartbeat_at: int | None = None,
         started_at: int | None = None,
+        instance_id: str | None = None,
     ) -> ControllerRow: ...
 
     def leader(self) -> LeaseRow | None: ...
 
     def controllers(self) -> list[ControllerRow]: ...
 
-    def now(self) -> float: ...
+    def now(self) -> float:
+        """Wall-clock unix seconds: what rows are stamped with, for display only."""
+        ...
+
+    def lease_time(self) -> float:
+        """The decision clock that `LeaseRow.deadline` is on (monotonic, never steps)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -136,7 +167,8 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 def open_store(db: str, *, clock: Clock = time.time) -> Store:
     """Open the store named by `--db`: a PostgreSQL URL, else a SQLite file path.
 
-    PostgreSQL keeps its own clock as the authority, so `clock` applies to SQLite only.
+    `clock` is the wall clock rows are stamped with (SQLite only; PostgreSQL stamps with the
+    database's clock). Neither decides expiry: see the module docstring.
     """
     if db.startswith(POSTGRES_SCHEMES):
         try:
@@ -212,32 +244,58 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         )
         """,
     ),
+    # SPEC §15: the holder's instance, expiry on the lease clock of a named boot, and every
+    # instance a controller id was heard from.
+    2: (
+        "ALTER TABLE leases ADD COLUMN holder_instance_id TEXT",
+        "ALTER TABLE leases ADD COLUMN deadline REAL",
+        "ALTER TABLE leases ADD COLUMN boot_id TEXT",
+        "ALTER TABLE controllers ADD COLUMN instance_id TEXT",
+        """
+        CREATE TABLE controller_instances (
+            controller_id TEXT NOT NULL,
+            instance_id TEXT NOT NULL,
+            host TEXT NOT NULL,
+            last_seen_at REAL NOT NULL,
+            PRIMARY KEY (controller_id, instance_id)
+        )
+        """,
+    ),
 }
 
 _LEASE_COLUMNS = (
     "lease_name, holder_id, holder_host, term, lease_expires_at, renewed_at, "
-    "preferred_holder_id, metadata_json, released"
+    "preferred_holder_id, metadata_json, released, holder_instance_id, deadline"
 )
 _CONTROLLER_COLUMNS = (
     "controller_id, host, role, priority, status, version, heartbeat_at, started_at, "
-    "first_seen_at, last_seen_at"
+    "first_seen_at, last_seen_at, instance_id"
 )
 _UPSERT_CONTROLLER = f"""
     INSERT INTO controllers ({_CONTROLLER_COLUMNS})
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (controller_id) DO UPDATE SET
         host = excluded.host, role = excluded.role, priority = excluded.priority,
         status = excluded.status, version = excluded.version,
         heartbeat_at = excluded.heartbeat_at, started_at = excluded.started_at,
-        last_seen_at = excluded.last_seen_at
+        last_seen_at = excluded.last_seen_at,
+        instance_id = coalesce(excluded.instance_id, controllers.instance_id)
+"""
+_UPSERT_INSTANCE = """
+    INSERT INTO controller_instances (controller_id, instance_id, host, last_seen_at)
+    VALUES (?, ?, ?, ?)
+    ON CONFLICT (controller_id, instance_id) DO UPDATE SET
+        host = excluded.host, last_seen_at = excluded.last_seen_at
 """
 
 
 def _lease_from_row(values: tuple | None) -> LeaseRow | None:
     if values is None:
         return None
-    *head, released = values
-    return LeaseRow(*head, released=bool(released))
+    *head, released, holder_instance_id, deadline = values
+    return LeaseRow(
+        *head, released=bool(released), holder_instance_id=holder_instance_id, deadline=deadline
+    )
 
 
 def _create_private_file(path: str) -> None:
@@ -247,11 +305,26 @@ def _create_private_file(path: str) -> None:
 
 
 class SqliteStore:
-    """The SQLite store. One connection; safe to share between greenlets and threads."""
+    """The SQLite store. One connection; safe to share between greenlets and threads.
 
-    def __init__(self, path: str, *, clock: Clock = time.time, busy_timeout_ms: int = 5000):
+    `clock` stamps rows (wall time); `lease_clock` decides expiry and `boot_id` names the boot
+    its readings belong to (tests inject both to stage a restart on another boot).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        clock: Clock = time.time,
+        lease_clock: Clock = lease_clocks.lease_clock,
+        boot_id: Callable[[], str | None] = lease_clocks.boot_id,
+        busy_timeout_ms: int = 5000,
+    ):
         self.path = path
         self._clock = clock
+        self._lease_clock = lease_clock
+        self._boot_id = boot_id()
+        self._pruned_at = float("-inf")
         self._lock = threading.Lock()
         self._closed = False
         # RETURNING arrived in SQLite 3.35 (the library Python runs on, not the module).
@@ -275,6 +348,7 @@ class SqliteStore:
                 raise StoreError(f"cannot open database {path}: WAL journal mode unavailable")
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
+            self._restart_rule()
         except sqlite3.Error as exc:
             self._conn.close()
             raise StoreError(f"cannot open database {path}: {exc}") from None
@@ -332,6 +406,22 @@ class SqliteStore:
             if version != SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
+    def _restart_rule(self) -> None:
+        """Every unreleased lease not on this boot's lease clock is live one TTL from now.
+
+        Judged without the wall clock, which may have stepped together with the restart. A
+        lease written on this very boot keeps its exact deadline.
+        """
+        with self._immediate() as conn:
+            start = self._lease_clock()
+            stale = "released = 0 AND (deadline IS NULL OR boot_id IS NULL"
+            stale += " OR boot_id != ?)" if self._boot_id is not None else " OR 1)"
+            conn.execute(
+                "UPDATE leases SET deadline = ? + max(lease_expires_at - renewed_at, 0),"
+                f" boot_id = ? WHERE {stale}",
+                (start, self._boot_id, *([self._boot_id] if self._boot_id is not None else [])),
+            )
+
     @property
     def schema_version(self) -> int:
         with self._autocommit() as conn:
@@ -342,6 +432,9 @@ class SqliteStore:
     def now(self) -> float:
         return self._clock()
 
+    def lease_time(self) -> float:
+        return self._lease_clock()
+
     def acquire(
         self,
         *,
@@ -351,6 +444,7 @@ class SqliteStore:
         preferred: bool,
         metadata_json: str | None = None,
         client_now: float | None = None,
+        instance_id: str | None = None,
         lease_name: str = LEASE_NAME,
     ) -> AcquireDecision:
         def decide(row: LeaseRow | None) -> AcquireDecision:
@@ -361,7 +455,10 @@ class SqliteStore:
                 ttl_sec=ttl_sec,
                 preferred=preferred,
                 metadata_json=metadata_json,
-                now=self._clock(),  # read after the row: the row is never newer than `now`
+                # Read after the row: the row is never newer than `now`.
+                now=self._lease_clock(),
+                wall=self._clock(),
+                instance_id=instance_id,
                 lease_name=lease_name,
             )
 
@@ -381,12 +478,22 @@ class SqliteStore:
             return decision
 
     def release(
-        self, *, controller_id: str, term: int, lease_name: str = LEASE_NAME
+        self,
+        *,
+        controller_id: str,
+        term: int,
+        instance_id: str | None = None,
+        lease_name: str = LEASE_NAME,
     ) -> ReleaseDecision:
         with self._immediate() as conn:
             row = self._read_lease(conn, lease_name)
             decision = decide_release(
-                row, controller_id=controller_id, term=term, now=self._clock()
+                row,
+                controller_id=controller_id,
+                term=term,
+                now=self._lease_clock(),
+                wall=self._clock(),
+                instance_id=instance_id,
             )
             if decision.changed and decision.row is not None:
                 self._write_lease(conn, decision.row, client_now=None)
@@ -403,19 +510,29 @@ class SqliteStore:
         version: str | None = None,
         heartbeat_at: int | None = None,
         started_at: int | None = None,
+        instance_id: str | None = None,
     ) -> ControllerRow:
         reported = (controller_id, host, role, priority, status, version, heartbeat_at, started_at)
-        if self._upsert_returning:
+        if self._upsert_returning and instance_id is None:
             # One statement in autocommit is its own transaction: no BEGIN/SELECT/COMMIT.
             with self._autocommit() as conn:
                 now = self._clock()
                 rows = conn.execute(
-                    f"{_UPSERT_CONTROLLER} RETURNING {_CONTROLLER_COLUMNS}", (*reported, now, now)
+                    f"{_UPSERT_CONTROLLER} RETURNING {_CONTROLLER_COLUMNS}",
+                    (*reported, now, now, None),
                 ).fetchall()  # drains the statement, so its transaction commits here
             return ControllerRow(*rows[0])
         with self._immediate() as conn:
             now = self._clock()
-            conn.execute(_UPSERT_CONTROLLER, (*reported, now, now))
+            conn.execute(_UPSERT_CONTROLLER, (*reported, now, now, instance_id))
+            if instance_id is not None:
+                conn.execute(_UPSERT_INSTANCE, (controller_id, instance_id, host, now))
+                if now - self._pruned_at >= 60.0:
+                    self._pruned_at = now
+                    conn.execute(
+                        "DELETE FROM controller_instances WHERE last_seen_at < ?",
+                        (now - INSTANCE_RETENTION_SEC,),
+                    )
             values = conn.execute(
                 f"SELECT {_CONTROLLER_COLUMNS} FROM controllers WHERE controller_id = ?",
                 (controller_id,),
@@ -431,7 +548,11 @@ class SqliteStore:
             rows = conn.execute(
                 f"SELECT {_CONTROLLER_COLUMNS} FROM controllers ORDER BY controller_id"
             ).fetchall()
-        return [ControllerRow(*values) for values in rows]
+            instances = conn.execute(
+                "SELECT controller_id, instance_id, host, last_seen_at FROM controller_instances"
+                " ORDER BY last_seen_at DESC"
+            ).fetchall()
+        return with_instances([ControllerRow(*values) for values in rows], instances)
 
     def close(self) -> None:
         with self._lock:
@@ -453,14 +574,16 @@ class SqliteStore:
     ) -> None:
         cursor = conn.execute(
             f"""
-            INSERT INTO leases ({_LEASE_COLUMNS}, last_client_now, updated_at)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            INSERT INTO leases ({_LEASE_COLUMNS}, boot_id, last_client_now, updated_at)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             ON CONFLICT (lease_name) DO UPDATE SET
                 holder_id = excluded.holder_id, holder_host = excluded.holder_host,
                 term = excluded.term, lease_expires_at = excluded.lease_expires_at,
                 renewed_at = excluded.renewed_at,
                 preferred_holder_id = excluded.preferred_holder_id,
                 metadata_json = excluded.metadata_json, released = excluded.released,
+                holder_instance_id = excluded.holder_instance_id,
+                deadline = excluded.deadline, boot_id = excluded.boot_id,
                 last_client_now = coalesce(excluded.last_client_now, leases.last_client_now),
                 updated_at = excluded.updated_at
             WHERE excluded.term >= leases.term
@@ -475,6 +598,9 @@ class SqliteStore:
                 row.preferred_holder_id,
                 row.metadata_json,
                 int(row.released),
+                row.holder_instance_id,
+                row.deadline,
+                self._boot_id,
                 client_now,
                 self._clock(),
             ),
@@ -482,3 +608,16 @@ class SqliteStore:
         if cursor.rowcount != 1:
             # Belt and braces: the rules never lower a term; refuse to store one that would.
             raise StoreError(f"refused to lower the term of lease {row.lease_name!r}")
+
+
+def with_instances(
+    controllers: list[ControllerRow], instances: list[tuple[str, str, str, float]]
+) -> list[ControllerRow]:
+    """`controllers` with their `instances` filled from (controller_id, instance, host, seen)."""
+    by_id: dict[str, list[tuple[str, str, float]]] = {}
+    for controller_id, instance_id, host, seen in instances:
+        by_id.setdefault(controller_id, []).append((instance_id, host, seen))
+    return [
+        dataclasses.replace(row, instances=tuple(by_id.get(row.controller_id, ())))
+        for row in controllers
+    ]

@@ -10,10 +10,19 @@ Design:
   time, so even the very first acquirers serialise on a row), THEN reads the database clock
   (`clock_timestamp()`, after the lock: a decision never rests on a reading taken before a
   wait), asks the rules and writes the result, refusing to lower a term. Release likewise.
-- The DATABASE clock is the authority, so that servers on different machines agree whatever
-  their own clocks say. `now()` is that clock as last read (every transaction reads it; a
-  reading older than `CLOCK_REFRESH_SEC` is refreshed by a query) carried forward by this
-  machine's monotonic clock, which drifts by parts per million between readings.
+- Expiry never rests on a clock that can step (SPEC §15). The database clock stamps rows
+  (`lease_expires_at`, `renewed_at`, shown on the wire) but decides nothing: every write bumps
+  the row's `revision`, and each server process notes on its own lease clock
+  (`conductord.clock.lease_clock`) when it first saw each revision. A lease binds others until
+  that revision has stayed unchanged for one TTL on this process's own clock: since a process
+  can only see a revision after it was written, it never grants before the holder's own
+  deadline, whatever the database clock (or this machine's wall clock) does. A process that
+  just started has seen nothing, so every unreleased lease is live one TTL from its first look:
+  the restart rule for free. Every write NOTIFYs its revision (renewals included), so every
+  process's first sighting is within milliseconds of the write and a crash failover still
+  takes TTL, not TTL plus the time until the next look. `now()` is the database clock as last
+  read (every transaction reads it; a reading older than `CLOCK_REFRESH_SEC` is refreshed by a
+  query) carried forward by this machine's monotonic clock, for display only.
 - A placeholder row (term 0) stands for "no lease yet"; the rules see `None` for it.
 - Connections come from a psycopg_pool pool (checked on checkout, so a database restart costs
   no failed request once it is back). Sessions get a `statement_timeout` (a request never hangs
@@ -23,11 +32,14 @@ Design:
   servers may start at once) and a newer schema than this code knows is refused.
 - Errors: every psycopg failure becomes a one-line `StoreError` (the app answers 503, the
   server exits 2 at start); the DSN's password is masked in every message.
-- Cross-process wake (SPEC §12): acquire and release `NOTIFY conductord_lease` in their
-  transaction when the holder changes (grant, takeover, release; not renewals), delivered at
-  commit. `watch(callback)` runs one LISTEN connection in a greenlet and calls every callback
-  on each notification (our own included: harmless) and after every (re)connect, since
-  notifications sent while it was not listening are lost.
+- Cross-process wake (SPEC §12): every lease write `NOTIFY conductord_lease` in its
+  transaction with the payload `<lease> <revision> <change|renew>`, delivered at commit.
+  `watch(callback)` runs one LISTEN connection in a greenlet; it records each revision's first
+  sighting and calls every callback on a holder change (grant, takeover, release; not on a
+  renewal, which would only wake every parked waiter for nothing) and after every
+  (re)connect, since notifications sent while it was not listening are lost. Without a
+  watcher, a process notes revisions only when it reads the row: slower failover, never an
+  early grant.
 
 gevent: psycopg >= 3.1.14 notices a monkey-patched `select` when it is imported and then waits
 on sockets through it, so a slow query parks only its own greenlet. This module must therefore
@@ -42,6 +54,7 @@ gevent hub's thread, and so must `close()` when a watcher runs. Each process hol
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -55,6 +68,7 @@ from gevent.socket import wait_read
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from conductord import clock as lease_clocks
 from conductord.control_api.rules import (
     LEASE_NAME,
     AcquireDecision,
@@ -63,10 +77,17 @@ from conductord.control_api.rules import (
     decide_acquire,
     decide_release,
 )
-from conductord.control_api.store import ControllerRow, StoreError, describe_db, dsn_secrets
+from conductord.control_api.store import (
+    INSTANCE_RETENTION_SEC,
+    ControllerRow,
+    StoreError,
+    describe_db,
+    dsn_secrets,
+    with_instances,
+)
 from conductord.logs import get_logger
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 NOTIFY_CHANNEL = "conductord_lease"
 CLOCK_REFRESH_SEC = 5.0
 
@@ -118,21 +139,37 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         )
         """,
     ),
+    # SPEC §15: the holder's instance, a revision per write (expiry is judged per process on
+    # its own clock), and every instance a controller id was heard from.
+    2: (
+        "ALTER TABLE leases ADD COLUMN holder_instance_id text",
+        "ALTER TABLE leases ADD COLUMN revision bigint NOT NULL DEFAULT 0",
+        "ALTER TABLE controllers ADD COLUMN instance_id text",
+        """
+        CREATE TABLE controller_instances (
+            controller_id text NOT NULL,
+            instance_id text NOT NULL,
+            host text NOT NULL,
+            last_seen_at double precision NOT NULL,
+            PRIMARY KEY (controller_id, instance_id)
+        )
+        """,
+    ),
 }
 
 _CLOCK = "extract(epoch FROM clock_timestamp())::float8"
 _LEASE_COLUMNS = (
     "lease_name, holder_id, holder_host, term, lease_expires_at, renewed_at, "
-    "preferred_holder_id, metadata_json, released"
+    "preferred_holder_id, metadata_json, released, holder_instance_id, revision"
 )
 _CONTROLLER_COLUMNS = (
     "controller_id, host, role, priority, status, version, heartbeat_at, started_at, "
-    "first_seen_at, last_seen_at"
+    "first_seen_at, last_seen_at, instance_id"
 )
 _LOCK_LEASE = f"SELECT {_LEASE_COLUMNS} FROM leases WHERE lease_name = %s FOR UPDATE"
 _INSERT_PLACEHOLDER = f"""
     INSERT INTO leases ({_LEASE_COLUMNS}, updated_at)
-    VALUES (%s, '', '', 0, 0, 0, NULL, NULL, true, {_CLOCK})
+    VALUES (%s, '', '', 0, 0, 0, NULL, NULL, true, NULL, 0, {_CLOCK})
     ON CONFLICT (lease_name) DO NOTHING
 """
 _UPDATE_LEASE = f"""
@@ -140,30 +177,44 @@ _UPDATE_LEASE = f"""
         holder_id = %(holder_id)s, holder_host = %(holder_host)s, term = %(term)s,
         lease_expires_at = %(lease_expires_at)s, renewed_at = %(renewed_at)s,
         preferred_holder_id = %(preferred_holder_id)s, metadata_json = %(metadata_json)s,
-        released = %(released)s,
+        released = %(released)s, holder_instance_id = %(holder_instance_id)s,
+        revision = revision + %(bump)s,
         last_client_now = coalesce(%(client_now)s, last_client_now),
         updated_at = {_CLOCK}
     WHERE lease_name = %(lease_name)s AND term <= %(term)s
+    RETURNING revision
 """
-_UPSERT_CONTROLLER = f"""
-    INSERT INTO controllers ({_CONTROLLER_COLUMNS})
-    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, {_CLOCK}, {_CLOCK})
-    ON CONFLICT (controller_id) DO UPDATE SET
-        host = excluded.host, role = excluded.role, priority = excluded.priority,
-        status = excluded.status, version = excluded.version,
-        heartbeat_at = excluded.heartbeat_at, started_at = excluded.started_at,
-        last_seen_at = excluded.last_seen_at
-    RETURNING {_CONTROLLER_COLUMNS}
+# The controller upsert and, when the sender names its instance, the instance upsert, in one
+# round trip.
+_HEARTBEAT = f"""
+    WITH beat AS (
+        INSERT INTO controllers ({_CONTROLLER_COLUMNS})
+        VALUES (%(controller_id)s, %(host)s, %(role)s, %(priority)s, %(status)s, %(version)s,
+                %(heartbeat_at)s, %(started_at)s, {_CLOCK}, {_CLOCK}, %(instance_id)s)
+        ON CONFLICT (controller_id) DO UPDATE SET
+            host = excluded.host, role = excluded.role, priority = excluded.priority,
+            status = excluded.status, version = excluded.version,
+            heartbeat_at = excluded.heartbeat_at, started_at = excluded.started_at,
+            last_seen_at = excluded.last_seen_at,
+            instance_id = coalesce(excluded.instance_id, controllers.instance_id)
+        RETURNING {_CONTROLLER_COLUMNS}
+    ), seen AS (
+        INSERT INTO controller_instances (controller_id, instance_id, host, last_seen_at)
+        SELECT %(controller_id)s, %(instance_id)s, %(host)s, {_CLOCK}
+        WHERE %(instance_id)s::text IS NOT NULL
+        ON CONFLICT (controller_id, instance_id) DO UPDATE SET
+            host = excluded.host, last_seen_at = excluded.last_seen_at
+    )
+    SELECT {_CONTROLLER_COLUMNS} FROM beat
 """
 
 Callback = Callable[[], None]
+Clock = Callable[[], float]
 
 
-def _lease_from_row(values: tuple | None) -> LeaseRow | None:
+def _is_placeholder(values: tuple | None) -> bool:
     # The placeholder (term 0) means "never granted": the rules must see no lease at all.
-    if values is None or values[3] == 0:
-        return None
-    return LeaseRow(*values)
+    return values is None or values[3] == 0
 
 
 class PostgresStore:
@@ -179,8 +230,13 @@ class PostgresStore:
         statement_timeout_ms: int = 5000,
         idle_in_transaction_timeout_ms: int = 10000,
         log: Any = None,
+        lease_clock: Clock = lease_clocks.lease_clock,
     ) -> None:
         self.display = describe_db(dsn)
+        self._lease_clock = lease_clock
+        # lease name -> (revision, lease-clock time this process first saw it); see module doc.
+        self._sightings: dict[str, tuple[int, float]] = {}
+        self._pruned_at = float("-inf")
         self._secrets = dsn_secrets(dsn)
         self._log = log if log is not None else get_logger()
         self._pool_timeout = pool_timeout
@@ -284,6 +340,26 @@ class PostgresStore:
 
     # -- the Store interface ---------------------------------------------------------------
 
+    def lease_time(self) -> float:
+        return self._lease_clock()
+
+    def _sighted(self, lease_name: str, revision: int, at: float | None = None) -> float:
+        """When this process first saw `revision` of the lease (noting it now if new)."""
+        seen = self._sightings.get(lease_name)
+        if seen is None or revision > seen[0]:
+            seen = (revision, self._lease_clock() if at is None else at)
+            self._sightings[lease_name] = seen
+        return seen[1] if seen[0] == revision else self._lease_clock()
+
+    def _lease(self, values: tuple | None) -> LeaseRow | None:
+        """The row for the rules, its deadline one TTL after this process first saw it."""
+        if _is_placeholder(values):
+            return None
+        *head, released, holder_instance_id, revision = values
+        row = LeaseRow(*head, released=released, holder_instance_id=holder_instance_id)
+        first_seen = self._sighted(row.lease_name, revision)
+        return dataclasses.replace(row, deadline=first_seen + max(row.ttl_sec, 0.0))
+
     def now(self) -> float:
         reading = self._clock_reading
         if reading is not None and time.monotonic() - reading[1] < CLOCK_REFRESH_SEC:
@@ -300,6 +376,7 @@ class PostgresStore:
         preferred: bool,
         metadata_json: str | None = None,
         client_now: float | None = None,
+        instance_id: str | None = None,
         lease_name: str = LEASE_NAME,
     ) -> AcquireDecision:
         with self._connection() as conn, conn.transaction():
@@ -309,38 +386,51 @@ class PostgresStore:
                 # waits on our insert, does nothing, and then waits on our row lock.
                 conn.execute(_INSERT_PLACEHOLDER, (lease_name,))
                 values = conn.execute(_LOCK_LEASE, (lease_name,)).fetchone()
+            wall = self._db_now(conn)
+            decided_at = self._lease_clock()  # after the row lock: never before the read
             decision = decide_acquire(
-                _lease_from_row(values),
+                self._lease(values),
                 controller_id=controller_id,
                 host=host,
                 ttl_sec=ttl_sec,
                 preferred=preferred,
                 metadata_json=metadata_json,
-                now=self._db_now(conn),
+                now=decided_at,
+                wall=wall,
+                instance_id=instance_id,
                 lease_name=lease_name,
             )
             if decision.changed:
                 # The client's clock is kept for diagnosis only; it decides nothing.
                 recorded = client_now if decision.is_leader else None
-                self._write_lease(conn, decision.row, client_now=recorded)
-                if decision.operation == "acquire":
-                    self._notify(conn, lease_name)
+                # A denial writes only a new preference: the lease itself did not change, so
+                # it is no new revision (it must keep ageing in every process's view).
+                change = {"acquire": "change", "renew": "renew"}.get(decision.operation)
+                self._write_lease(conn, decision.row, decided_at, change, client_now=recorded)
             return decision
 
     def release(
-        self, *, controller_id: str, term: int, lease_name: str = LEASE_NAME
+        self,
+        *,
+        controller_id: str,
+        term: int,
+        instance_id: str | None = None,
+        lease_name: str = LEASE_NAME,
     ) -> ReleaseDecision:
         with self._connection() as conn, conn.transaction():
             values = conn.execute(_LOCK_LEASE, (lease_name,)).fetchone()
+            wall = self._db_now(conn)
+            decided_at = self._lease_clock()
             decision = decide_release(
-                _lease_from_row(values),
+                self._lease(values),
                 controller_id=controller_id,
                 term=term,
-                now=self._db_now(conn),
+                now=decided_at,
+                wall=wall,
+                instance_id=instance_id,
             )
             if decision.changed and decision.row is not None:
-                self._write_lease(conn, decision.row, client_now=None)
-                self._notify(conn, lease_name)
+                self._write_lease(conn, decision.row, decided_at, "change", client_now=None)
             return decision
 
     def heartbeat(
@@ -354,22 +444,30 @@ class PostgresStore:
         version: str | None = None,
         heartbeat_at: int | None = None,
         started_at: int | None = None,
+        instance_id: str | None = None,
     ) -> ControllerRow:
         with self._connection() as conn:
             values = conn.execute(
-                _UPSERT_CONTROLLER,
-                (
-                    controller_id,
-                    host,
-                    role,
-                    priority,
-                    status,
-                    version,
-                    heartbeat_at,
-                    started_at,
-                ),
+                _HEARTBEAT,
+                {
+                    "controller_id": controller_id,
+                    "host": host,
+                    "role": role,
+                    "priority": priority,
+                    "status": status,
+                    "version": version,
+                    "heartbeat_at": heartbeat_at,
+                    "started_at": started_at,
+                    "instance_id": instance_id,
+                },
             ).fetchone()
-        row = ControllerRow(*values)
+            row = ControllerRow(*values)
+            if instance_id is not None and row.last_seen_at - self._pruned_at >= 60.0:
+                self._pruned_at = row.last_seen_at
+                conn.execute(
+                    "DELETE FROM controller_instances WHERE last_seen_at < %s",
+                    (row.last_seen_at - INSTANCE_RETENTION_SEC,),
+                )
         self._clock_reading = (row.last_seen_at, time.monotonic())
         return row
 
@@ -378,14 +476,18 @@ class PostgresStore:
             values = conn.execute(
                 f"SELECT {_LEASE_COLUMNS} FROM leases WHERE lease_name = %s", (lease_name,)
             ).fetchone()
-        return _lease_from_row(values)
+        return self._lease(values)
 
     def controllers(self) -> list[ControllerRow]:
         with self._connection() as conn:
             rows = conn.execute(
                 f"SELECT {_CONTROLLER_COLUMNS} FROM controllers ORDER BY controller_id"
             ).fetchall()
-        return [ControllerRow(*values) for values in rows]
+            instances = conn.execute(
+                "SELECT controller_id, instance_id, host, last_seen_at FROM controller_instances"
+                " ORDER BY last_seen_at DESC"
+            ).fetchall()
+        return with_instances([ControllerRow(*values) for values in rows], instances)
 
     def watch(self, callback: Callback) -> None:
         """Call `callback()` whenever any server changes the lease holder (see module doc)."""
@@ -409,8 +511,17 @@ class PostgresStore:
 
     # -- rows and notifications ------------------------------------------------------------
 
-    @staticmethod
-    def _write_lease(conn: psycopg.Connection, row: LeaseRow, *, client_now: float | None) -> None:
+    def _write_lease(
+        self,
+        conn: psycopg.Connection,
+        row: LeaseRow,
+        decided_at: float,
+        change: str | None,
+        *,
+        client_now: float | None,
+    ) -> None:
+        """Write `row`; a `change` ("change" or "renew") makes it the next revision, announced
+        to every process (delivered at commit). None: only the preference changed."""
         cursor = conn.execute(
             _UPDATE_LEASE,
             {
@@ -423,17 +534,33 @@ class PostgresStore:
                 "preferred_holder_id": row.preferred_holder_id,
                 "metadata_json": row.metadata_json,
                 "released": row.released,
+                "holder_instance_id": row.holder_instance_id,
                 "client_now": client_now,
+                "bump": 0 if change is None else 1,
             },
         )
-        if cursor.rowcount != 1:
+        written = cursor.fetchone()
+        if written is None:
             # Belt and braces: the rules never lower a term; refuse to store one that would.
             raise StoreError(f"refused to lower the term of lease {row.lease_name!r}")
-
-    @staticmethod
-    def _notify(conn: psycopg.Connection, lease_name: str) -> None:
+        if change is None:
+            return
+        revision = written[0]
+        # Our own write: this process knows the revision from the moment it decided it (the
+        # holder's deadline is measured from its send, before that moment).
+        self._sighted(row.lease_name, revision, at=decided_at)
         # Delivered to every listener when this transaction commits, never before.
-        conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, lease_name))
+        conn.execute(
+            "SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, f"{row.lease_name} {revision} {change}")
+        )
+
+    def _on_notify(self, payload: str) -> bool:
+        """Note a revision another process wrote; True when the holder changed (wake)."""
+        lease_name, _, rest = payload.partition(" ")
+        revision_text, _, change = rest.partition(" ")
+        if revision_text.isdigit():
+            self._sighted(lease_name, int(revision_text))
+        return change != "renew"
 
     def _fire(self) -> None:
         for callback in list(self._callbacks):
@@ -469,7 +596,8 @@ class PostgresStore:
                     wait_read(conn.fileno())
                     # timeout=0: drain what has arrived without blocking the hub.
                     # (Exhaust the generator: it holds the connection lock while suspended.)
-                    if sum(1 for _ in conn.notifies(timeout=0)):
+                    notes = [note.payload for note in conn.notifies(timeout=0)]
+                    if any([self._on_notify(payload) for payload in notes]):
                         self._fire()
             except (psycopg.Error, OSError) as exc:
                 if not self._stop_listening.is_set():

@@ -82,8 +82,8 @@ class WaitOutcome:
 class LeaseWaiters:
     """The parked acquire requests of one server process, with one wake Event per lease.
 
-    `clock` is the store's clock (wall seconds; expiry instants are read against it);
-    `monotonic` measures `wait_ms`.
+    `clock` is the store's decision clock (`Store.lease_time`; the rows' `expires` instants
+    are on it); `monotonic` measures `wait_ms`.
     """
 
     def __init__(
@@ -168,7 +168,7 @@ class LeaseWaiters:
                 if remaining <= 0:
                     end: WaitEnd = "timeout"
                     break
-                until_expiry = decision.row.lease_expires_at - self._clock() + EXPIRY_SLACK_S
+                until_expiry = decision.row.expires - self._clock() + EXPIRY_SLACK_S
                 if skewed:
                     backoff = min(SKEW_RETRY_S * 2 ** min(skewed - 1, 10), SKEW_RETRY_MAX_S)
                     until_expiry = max(until_expiry, backoff)
