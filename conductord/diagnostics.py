@@ -28,7 +28,9 @@ def run_diagnostics(config: Config, *, as_json: bool) -> int:
         host=config.host,
         role=config.role,
     )
-    runtime = Runtime(config, log=log)
+    # A one-shot run: a fresh instance, no lock, and it releases only a term granted to it,
+    # so running diagnostics beside a live leader never ends that leader's lease (SPEC §15).
+    runtime = Runtime(config, log=log, one_shot=True)
     try:
         runtime.start(loops=False)
         snapshot = runtime.snapshot()

@@ -5,8 +5,10 @@ a heartbeat, a tick); every output is the new state and, when the state changed,
 `Transition` for the caller to log and hand to hooks. Nothing here sleeps or talks HTTP, so
 tests and the fleet simulator (SPEC §13) drive it with a fake clock.
 
-Safety (SPEC §5): a leader's lease is locally valid until the monotonic time at which its
-last successful acquire/renew request was *sent*, plus the TTL, minus a margin. The server
+Safety (SPEC §5, §15): a leader's lease is locally valid until the time at which its last
+successful acquire/renew request was *sent*, plus the TTL, minus a margin, on the lease
+clock (`conductord.clock.lease_clock`: monotonic and counting system sleep, so a leader that
+sleeps past its lease wakes knowing it has lost it). The server
 can only have started that lease after the request was sent, so the node stops believing in
 it before the server can hand it to anyone else, whatever the wall clock does. The margin
 covers clock-rate drift between node and server and the gap between a scheduler check and
@@ -57,6 +59,7 @@ class Reason(enum.StrEnum):
     DEADLINE = "lease_deadline_passed"  # the local validity ran out before a renewal succeeded
     LATE_GRANT = "grant_arrived_late"  # a grant whose local validity had already run out
     REGISTER_FAILED = "register_failed"  # the start sequence's first heartbeat failed
+    IDENTITY_CONFLICT = "identity_conflict"  # our node id is held by another instance (§15)
     STOPPING = "stopping"
 
 
@@ -68,6 +71,8 @@ class LeaseResponse(Protocol):
     lease_expires_at: float
     is_leader: bool
     operation: str
+    # The holder is our node id from another process instance (SPEC §15).
+    instance_conflict: bool
 
 
 @dataclass(frozen=True)
@@ -173,11 +178,23 @@ class LeaseMachine:
         if self.consecutive_heartbeat_failures == 0:
             self.last_error = None
 
-        ours = response.is_leader and response.holder_id == self.node_id
+        ours = (
+            response.is_leader
+            and response.holder_id == self.node_id
+            and not response.instance_conflict
+        )
         if not ours:
             # Another holder: leadership ends at once, whatever our local deadline says.
             self.valid_until = None
             self.held_term = None
+            if response.instance_conflict:
+                # Another process with our id holds it: stay standby until it is released
+                # or expires; never lead beside it.
+                self.last_error = (
+                    f"node id {self.node_id} is held by another instance of it"
+                    " (two processes with one node id)"
+                )
+                return self._move(LeaseState.STANDBY, Reason.IDENTITY_CONFLICT)
             return self._move(LeaseState.STANDBY, Reason.HELD_BY_OTHER)
 
         valid_until = sent_at + self.lease_ttl_sec - self.margin_s

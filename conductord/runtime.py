@@ -7,8 +7,18 @@ Design (SPEC §5, §8):
   (start-to-start, ±10 % jitter, waiting on the stop Event so stop is prompt). Every call is
   bounded by the request timeout, so a hung call in one loop never delays the other.
 - A leader's local deadline is enforced twice: `scheduler_enabled` compares against it on
-  every read, and a timer greenlet moves the state to `degraded` when it passes even while
-  the renewal call is still hanging.
+  every read, and a deadline greenlet moves the state to `degraded` when it passes even while
+  the renewal call is still hanging. Every decision reads the lease clock afresh
+  (`conductord.clock.lease_clock`, which counts system sleep): gevent's timers run on a clock
+  that does not, so after a wake they fire late. The deadline greenlet therefore waits at most
+  `DEADLINE_POLL_S` at a time, and every read of the state (snapshot, status endpoint,
+  scheduler pass) first applies a step-down that is due.
+- Instance identity (SPEC §15): every call carries this process's instance id
+  (`conductord.identity`); an answer naming our node id held by another instance keeps us
+  standby (`lease.identity_conflict`). A one-shot run (`--run-once`, `diagnose`) has a fresh
+  instance and releases on its way out only a term it was granted itself (operation
+  `acquire`), so it can never end the lease of a running daemon, even against a server that
+  ignores instances (which answers such a call with `renew`).
 - A loop that raises is a bug: `link_exception` logs `conductor.crashed` and stops the daemon
   (exit 1) rather than leaving a node that looks alive but no longer renews.
 - Stop: scheduler off first, loops stopped, the lease released when held (404 tolerated), all
@@ -35,8 +45,9 @@ import gevent
 from gevent.event import Event
 from gevent.pool import Group
 
-from conductord import logs
+from conductord import identity, logs
 from conductord.client import ControlApiClient, ControlApiError
+from conductord.clock import lease_clock
 from conductord.config import Config, config_warnings
 from conductord.lease import (
     INFLIGHT_GRACE_S,
@@ -57,6 +68,9 @@ EXIT_DEGRADED = 3
 
 # While failures repeat, remind at most this often (the first failure is always logged).
 FAILURE_REMINDER_S = 60.0
+# The deadline greenlet re-reads the lease clock at least this often while leader, so a
+# leader that wakes from system sleep steps down within this long of the wake.
+DEADLINE_POLL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -124,12 +138,17 @@ class Runtime:
         *,
         client: ControlApiClient | None = None,
         log: Any = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = lease_clock,
         wall: Callable[[], float] = time.time,
         load_runs: Callable[[], str | None] | None = None,
         reconcile_runs: Callable[[], str | None] | None = None,
+        instance: identity.Instance | None = None,
+        one_shot: bool = False,
     ) -> None:
         self.config = config
+        self.instance = instance or identity.ephemeral()
+        self.instance_id = self.instance.instance_id
+        self.one_shot = one_shot
         self.client = client or ControlApiClient(
             config.control_api_base,
             token=config.shared_token,
@@ -156,6 +175,9 @@ class Runtime:
         self._group = Group()
         self._loops: dict[str, gevent.Greenlet] = {}
         self._deadline_timer: gevent.Greenlet | None = None
+        self._deadline_moved = Event()
+        self._granted_terms: set[int] = set()  # terms this process was granted (operation acquire)
+        self._conflict_logged: tuple[str | None, float] | None = None
         self._stop_requested = Event()
         self._long_polled = False  # the last lease cycle asked the server to wait
         self._started = False
@@ -181,8 +203,14 @@ class Runtime:
         """Register `hook(snapshot)`, called after every lease state change."""
         self._state_hooks.append(hook)
 
+    def refresh(self) -> None:
+        """Apply a step-down by time that is due (see the module docstring on late timers)."""
+        if self.machine.state is LeaseState.LEADER:
+            self._apply(self.machine.tick(self.clock()))
+
     def run_scheduler_pass(self, work: Callable[[SchedulerContext], Any]) -> str:
         """Run `work` only while this node may schedule; the term is its fencing token."""
+        self.refresh()
         if not self.machine.scheduler_enabled(self.clock()):
             return "skipped_not_leader"
         assert self.machine.current_term is not None
@@ -204,6 +232,7 @@ class Runtime:
 
     def snapshot(self) -> dict[str, Any]:
         """The runtime snapshot of SPEC §6."""
+        self.refresh()
         cfg = self.config
         return {
             "identity": f"{cfg.node_id}@{cfg.host}({cfg.role})",
@@ -225,6 +254,7 @@ class Runtime:
                 "pid": os.getpid(),
                 "started": self._started,
                 "started_at": int(self.started_at),
+                "instance_id": self.instance_id,
             },
             "startup_checklist": startup_checklist(),
             "warnings": list(self.warnings),
@@ -279,6 +309,11 @@ class Runtime:
 
         released: dict[str, Any] | None = None
         term = self.machine.held_term
+        if term is not None and self.one_shot and term not in self._granted_terms:
+            # Not granted to this run (the server said renew: the lease is a running
+            # daemon's, under a server that ignores instances). Never end it.
+            self.log.info("lease.release_skipped", term=term, reason="not_granted_to_this_run")
+            term = None
         if term is not None:
             budget = self.config.request_timeout_ms / 1000.0 + 1.0 - (self.clock() - began) - 0.1
             released = self._release(term, max(budget, 0.1))
@@ -287,6 +322,7 @@ class Runtime:
             self.log.info("lease.released", term=term, **released)
         self._started = False
         self.client.close()
+        self.instance.close()
         self.log.info("conductor.stopped", snapshot=self.snapshot())
         return self.snapshot()
 
@@ -332,6 +368,7 @@ class Runtime:
                 version=cfg.controller_version,
                 heartbeat_at=int(self.wall()),
                 started_at=int(self.started_at),
+                instance_id=self.instance_id,
             )
         except ControlApiError as exc:
             error = str(exc)
@@ -375,9 +412,40 @@ class Runtime:
             self._long_polled = long_poll
         self._renew_streak.succeeded()
         self.last_renew_at = self.wall()
+        if result.is_leader and result.operation == "acquire":
+            self._granted_terms.add(result.term)
         self._apply(m.lease_succeeded(result, sent_at=sent_at, now=self.clock()))
+        if result.instance_conflict:
+            self._log_identity_conflict(result)
+        else:
+            self._conflict_logged = None
         self._arm_deadline()
         return None
+
+    def _log_identity_conflict(self, result: Any) -> None:
+        """`lease.identity_conflict`: first sighting, a new conflicting instance, then once a
+        minute while it lasts."""
+        now = self.clock()
+        last = self._conflict_logged
+        if (
+            last is not None
+            and last[0] == result.holder_instance_id
+            and now - last[1] < FAILURE_REMINDER_S
+        ):
+            return
+        self._conflict_logged = (result.holder_instance_id, now)
+        self.log.warning(
+            "lease.identity_conflict",
+            node_id=self.config.node_id,
+            instance_id=self.instance_id,
+            holder_instance_id=result.holder_instance_id,
+            holder_host=result.holder_host,
+            term=result.term,
+            message=(
+                "another process with this node id holds the lease; this one stays standby"
+                " until it is released or expires (give every process its own --node-id)"
+            ),
+        )
 
     def _acquire(self, wait_ms: int | None) -> Any:
         cfg = self.config
@@ -388,6 +456,7 @@ class Runtime:
             preferred=cfg.preferred,
             now=int(self.wall()),
             wait_ms=wait_ms,
+            instance_id=self.instance_id,
         )
 
     # -- machinery -------------------------------------------------------------
@@ -448,16 +517,30 @@ class Runtime:
         self._stop_requested.set()
 
     def _arm_deadline(self) -> None:
-        if self._deadline_timer is not None:
-            self._deadline_timer.kill(block=False)
-            self._deadline_timer = None
-        valid_until = self.machine.valid_until
-        if valid_until is not None and not self._stopped:
-            delay = max(valid_until - self.clock(), 0.0)
-            self._deadline_timer = gevent.spawn_later(delay, self._deadline_passed)
+        """Make sure the deadline greenlet watches the current `valid_until`."""
+        if self.machine.valid_until is None or self._stopped:
+            return
+        self._deadline_moved.set()
+        if self._deadline_timer is None or self._deadline_timer.dead:
+            self._deadline_timer = gevent.spawn(self._watch_deadline)
 
-    def _deadline_passed(self) -> None:
-        self._apply(self.machine.tick(self.clock()))
+    def _watch_deadline(self) -> None:
+        """Step down when the local deadline passes, even while a renewal hangs.
+
+        The wait is re-aimed from a fresh clock reading after every wake-up: a timer may fire
+        a hair early (gevent arms it from the loop's cached time) or very late (after system
+        sleep), and a renewal may move the deadline meanwhile.
+        """
+        while not self._stopped:
+            valid_until = self.machine.valid_until
+            if valid_until is None or self.machine.state is not LeaseState.LEADER:
+                return
+            remaining = valid_until - self.clock()
+            if remaining <= 0:
+                self._apply(self.machine.tick(self.clock()))
+                return
+            self._deadline_moved.clear()
+            self._deadline_moved.wait(min(remaining, DEADLINE_POLL_S))
 
     def _apply(self, transition: Transition | None) -> None:
         if transition is None:
@@ -489,7 +572,7 @@ class Runtime:
                 ),
             ):
                 result = self.client.release_leader_lease(
-                    controller_id=self.config.node_id, term=term
+                    controller_id=self.config.node_id, term=term, instance_id=self.instance_id
                 )
         except ControlApiError as exc:
             return {"released": False, "supported": None, "error": str(exc)}
@@ -521,7 +604,15 @@ def run_start(config: Config, *, run_once: bool) -> int:
         host=config.host,
         role=config.role,
     )
-    runtime = Runtime(config, log=log)
+    if run_once:
+        instance, one_shot = identity.ephemeral(), True
+    else:
+        try:
+            instance, one_shot = identity.claim(config.paths.state_dir), False
+        except identity.InstanceLockError as err:
+            sys.stderr.write(f"conductord: error: {err}\n")
+            return EXIT_USAGE
+    runtime = Runtime(config, log=log, instance=instance, one_shot=one_shot)
     install_signal_handlers(runtime)
     return _run(runtime, run_once=run_once)
 

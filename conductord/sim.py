@@ -195,6 +195,7 @@ class _Answer:
     lease_expires_at: float
     is_leader: bool
     operation: str
+    instance_conflict: bool = False  # one process per node id in the model
 
 
 class _IgnoresForeignHolder(LeaseMachine):

@@ -98,7 +98,10 @@ def test_node_becomes_leader_logs_transition_with_snapshot_and_releases_on_sigte
         assert (last["to_state"], last["reason"]) == ("standby", "stopping")
         assert daemon.named("lease.released")[0]["released"] is True
     release = [r for r in fake.server.requests if r.path == "/v1/leader/release"]
-    assert [r.json for r in release] == [{"controller_id": "mini-main", "term": 1}]
+    instance = daemon.named("conductor.started")[0]["snapshot"]["runtime"]["instance_id"]
+    assert [r.json for r in release] == [
+        {"controller_id": "mini-main", "term": 1, "instance_id": instance}
+    ]
     assert fake.holder is None
 
 

@@ -18,9 +18,10 @@ RENEW = 0.25
 SLACK = 1.0  # process start-up, log pipes and a loaded CI machine
 
 
-def start_node(control_api, node_id: str, role: str) -> DaemonProcess:
+def start_node(control_api, node_id: str, role: str, *extra: str) -> DaemonProcess:
     return DaemonProcess(
         [
+            *extra,
             "--node-id",
             node_id,
             "--role",
@@ -47,8 +48,8 @@ def start_node(control_api, node_id: str, role: str) -> DaemonProcess:
 def fleet(control_api):
     nodes: list[DaemonProcess] = []
 
-    def start(node_id: str, role: str) -> DaemonProcess:
-        node = start_node(control_api, node_id, role)
+    def start(node_id: str, role: str, *extra: str) -> DaemonProcess:
+        node = start_node(control_api, node_id, role, *extra)
         nodes.append(node)
         return node
 
@@ -105,15 +106,20 @@ def test_sigterm_of_the_leader_hands_over_within_about_one_renew_interval(contro
     assert standby.wait_exit() == 0
 
 
-def test_restarted_leader_resumes_its_unexpired_lease_at_once(control_api, fleet):
-    first = fleet("mini-main", "primary")
+def test_restarted_leader_with_its_state_dir_resumes_its_unexpired_lease_at_once(
+    control_api, fleet, tmp_path
+):
+    state = ("--state-dir", str(tmp_path / "state"))
+    first = fleet("mini-main", "primary", *state)
     granted = first.transition_to("leader")
+    instance = granted["snapshot"]["runtime"]["instance_id"]
     standby = fleet("mini-standby", "standby")
     standby.wait_event("conductor.started")
     first.send(signal.SIGKILL)
     first.wait_exit()
-    again = fleet("mini-main", "primary")
+    again = fleet("mini-main", "primary", *state)
     resumed = again.wait_event("conductor.started", timeout=10)
+    assert resumed["snapshot"]["runtime"]["instance_id"] == instance  # kept in the state dir
     daemon = resumed["snapshot"]["daemon"]
     assert daemon["lease_state"] == "leader"
     assert daemon["current_term"] == granted["term"]  # same term: a renewal, not a takeover
@@ -122,6 +128,26 @@ def test_restarted_leader_resumes_its_unexpired_lease_at_once(control_api, fleet
     for node in (again, standby):
         node.send(signal.SIGTERM)
         assert node.wait_exit() == 0
+
+
+def test_restarted_leader_without_a_state_dir_is_a_new_instance_and_waits_out_its_lease(
+    control_api, fleet
+):
+    first = fleet("mini-main", "primary")
+    granted = first.transition_to("leader")
+    first.send(signal.SIGKILL)
+    first.wait_exit()
+    killed_at = time.monotonic()
+    again = fleet("mini-main", "primary")
+    started = again.wait_event("conductor.started", timeout=10)
+    assert started["snapshot"]["daemon"]["lease_state"] == "standby"  # not its lease any more
+    conflict = again.wait_event("lease.identity_conflict", timeout=5)
+    assert conflict["holder_instance_id"] == granted["snapshot"]["runtime"]["instance_id"]
+    took = again.transition_to("leader", timeout=TTL + SLACK + 5)
+    assert took["term"] == granted["term"] + 1  # the old lease expired first
+    assert took["_seen_at"] - killed_at > TTL - 1.0
+    again.send(signal.SIGTERM)
+    assert again.wait_exit() == 0
 
 
 def test_three_nodes_one_leader_through_repeated_failovers(control_api, fleet):

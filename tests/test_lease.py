@@ -26,6 +26,7 @@ class Answer:
     lease_expires_at: float = 1130.0
     is_leader: bool = True
     operation: str = "acquire"
+    instance_conflict: bool = False
 
 
 def ours(term: int = 1, operation: str = "acquire") -> Answer:

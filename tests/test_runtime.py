@@ -65,7 +65,9 @@ class FakeClient:
             lease=lease,
         )
 
-    def release_leader_lease(self, *, controller_id: str, term: int) -> ReleaseResult:
+    def release_leader_lease(
+        self, *, controller_id: str, term: int, instance_id: str | None = None
+    ) -> ReleaseResult:
         self.releases.append((controller_id, term))
         return ReleaseResult(released=True, supported=True, lease=None)
 

@@ -58,6 +58,7 @@ class Answer:
     lease_expires_at: float = WALL + 3
     is_leader: bool = True
     operation: str = "acquire"
+    instance_conflict: bool = False
 
 
 class RecordingLog:

@@ -187,11 +187,14 @@ class FakeControlApi:
                 return failure
             now = int(time.time())
             caller = rec.json["controller_id"]
+            operation = "acquire"
             if self.mode == "other":
                 holder, leader = self.other_holder, False
             else:
                 if self.holder != caller:
                     self.term += 1 if self.holder is not None else 0
+                else:
+                    operation = "renew"
                 self.holder = caller
                 holder, leader = caller, True
             return self._envelope(
@@ -202,7 +205,7 @@ class FakeControlApi:
                     "lease_expires_at": now + rec.json["ttl_sec"],
                     "renewed_at": now,
                     "is_leader": leader,
-                    "operation": "renew" if leader else "acquire",
+                    "operation": operation,
                 }
             )
 
