@@ -49,6 +49,7 @@ from conductord.lease import (
     startup_checklist,
 )
 from conductord.status import StatusServer, StatusServerError
+from conductord.wire import Heartbeat
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -324,14 +325,16 @@ class Runtime:
         cfg = self.config
         try:
             self.client.heartbeat(
-                controller_id=cfg.node_id,
-                host=cfg.host,
-                role=cfg.role,
-                priority=cfg.priority,
-                status=str(self.machine.state),
-                version=cfg.controller_version,
-                heartbeat_at=int(self.wall()),
-                started_at=int(self.started_at),
+                Heartbeat(
+                    controller_id=cfg.node_id,
+                    host=cfg.host,
+                    role=cfg.role,
+                    priority=cfg.priority,
+                    status=str(self.machine.state),
+                    version=cfg.controller_version,
+                    heartbeat_at=int(self.wall()),
+                    started_at=int(self.started_at),
+                )
             )
         except ControlApiError as exc:
             error = str(exc)
