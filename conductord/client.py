@@ -1,235 +1,109 @@
-"""HTTP client of the Control API v1 (SPEC §4): transport policy in one place.
+"""HTTP client of the Control API v1 (SPEC §4, §17): transport policy in one place.
 
-One `requests.Session` per client, kept alive between calls (the idle CPU budget of §11 rests
-on reusing the connection), with the four §4 headers. Every call is a POST bounded by the
-call's budget, `timeout_ms` (plus `wait_ms` for a long-poll, §12): the connect and every read
-have that timeout, and an overall deadline from the start of the call caps the whole exchange,
-so a server that trickles bytes cannot stretch a call past its budget. The deadline is
-enforced inside the socket reads (each read's timeout is cut to the time left), not by a
-watchdog thread or greenlet, so the same code runs in plain threads and under gevent.
-Bodies above `MAX_BODY_BYTES` are refused. There are no hidden retries (`max_retries=0`,
-redirects not followed): the lease loop owns retrying, and a retry here would stretch a
-renewal past what the lease state machine assumes. Every failure is a `ControlApiError` whose
-text is exactly SPEC §4's.
+Public APIs only (SPEC §18). One plain `requests.Session` (`trust_env` off: environment proxies
+and `~/.netrc`, whose entry would replace the authorization header, are never consulted) with
+one plain `HTTPAdapter(max_retries=0)` keeping a keep-alive pool per base URL. The request of
+each URL and path is prepared once with the session's headers (`Session.prepare_request`); a
+call sends a copy carrying its body (`PreparedRequest.copy`, `prepare_body`) through
+`HTTPAdapter.send` with `stream=True`. `Session.send` would add only cookies, hooks and
+redirects, none of them wanted, and its look at a redirect reads a 3xx body whole, past the
+body cap. So: no redirects followed, no hidden retries (the lease loop owns retrying, and a
+retry here would stretch a renewal past what the lease state machine assumes), bodies above
+`MAX_BODY_BYTES` refused after capped reads of the raw stream (`response.raw.read(amt)`).
 
-`trust_env` is off: environment proxies and `~/.netrc` are neither consulted (a netrc entry
-would otherwise replace the authorization header) nor paid for on every call.
+Deadline: the whole call (name resolution, connect, send, every read, every URL it tries)
+runs inside one `gevent.Timeout` of the call's budget, `timeout_ms` plus `wait_ms` for a
+long-poll (§12), as client-go wraps each call in one `context.WithTimeout`. The daemon always
+runs monkey-patched, where the timeout interrupts whatever socket operation is blocking, so a
+server that trickles bytes cannot stretch a call. The connect timeout is the request timeout
+capped at the time left, each read's the time left: outside gevent (plain threads, most unit
+tests) they still bound every socket operation, but not their sum.
 
-CPU per call (the idle daemon's whole footprint, §11): the request of each path is prepared
-once, and each call hands a copy carrying its body straight to the session's adapter, so
-nothing is merged, parsed or cookie-checked per call (`Session.send` would add only cookie,
-hook and redirect work, all unused here). The adapter reuses its pool without re-parsing the
-URL; a pooled connection is checked with one non-blocking peek instead of a poll (costly
-under gevent); head and body go out in one write; the everyday success envelope and acquire
-answer skip marshmallow (`wire` falls back to it for anything unusual).
+Several base URLs (§17): the client uses one at a time, starting with the first and staying on
+whichever last answered. A call whose connection could not even be opened (refused, reset or
+unreachable while connecting, name not resolved: urllib3's `NewConnectionError`) has sent
+nothing, so it moves on to the next URL within its own budget. Any failure once a connection
+was open is that call's failure, since the request may have reached a server and a renewal
+must never be sent twice: a timeout (connect or read), a reset or close after connecting
+(urllib3 reports a failed send and a failed read alike, so both count as "may have been
+sent"), a 5xx, or a 2xx that is not a Control API answer (not JSON, too large); the next call
+then uses the next URL. A 4xx is a live server's answer (the others share its configuration
+and store) and moves nothing. Only the call that used the current URL moves it, so the
+heartbeat and lease loops failing together move it once, not twice. A TLS handshake reset
+counts as "may have been sent" (one failed call instead of a move): the cost of deciding from
+public exceptions rather than inside the socket send. `call_counts()` feeds the metric
+`conductord_control_api_calls_total{base_url,outcome}`.
 
-Limits: name resolution is not bounded by the deadline (the resolver gives no timeout); use
-an IP address or a local resolver if that matters. The token is redacted from every message
-even if a server echoes it back.
+Every failure is a `ControlApiError` whose text is exactly SPEC §4's. A server's text in it is
+made valid Unicode and stripped of the token and of any piece of it of 8 characters or more
+(`conductord.redact`) before it is cut to length.
 """
 
 from __future__ import annotations
 
-import contextvars
 import http.client
-import io
 import json
-import socket
+import threading
 import time
+from collections.abc import Sequence
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+import gevent
 import requests
+from marshmallow import Schema, ValidationError
 from requests.adapters import HTTPAdapter
-from requests.structures import CaseInsensitiveDict
-from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.exceptions import ReadTimeoutError
+from urllib3.exceptions import NewConnectionError, ReadTimeoutError
 
 from conductord import __version__
+from conductord.redact import redact, safe_text
 from conductord.wire import (
     ACQUIRE_PATH,
     HEARTBEAT_PATH,
+    MAX_WAIT_MS,
     RELEASE_PATH,
     AcquireRequestSchema,
     AcquireResult,
     ControlApiError,
+    Heartbeat,
     HeartbeatRequestSchema,
     ReleaseRequestSchema,
     ReleaseResult,
+    dump_request,
     parse_acquire_result,
     parse_envelope,
     parse_release_result,
 )
 
-__all__ = ["MAX_BODY_BYTES", "ControlApiClient", "ControlApiError", "describe_transport_error"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "OUTCOMES",
+    "ControlApiClient",
+    "ControlApiError",
+    "describe_transport_error",
+]
 
 MAX_BODY_BYTES: Final = 1024 * 1024
+OUTCOMES: Final = ("ok", "error", "moved")
 _BODY_PREVIEW_CHARS: Final = 200  # §4 rule 2
 _ENVELOPE_TEXT_CHARS: Final = 1000  # keeps a runaway server message out of every log line
+_REDACT_SLACK: Final = 1024  # server text looked at beyond a cut, so redaction sees the cut
 _READ_CHUNK: Final = 64 * 1024
 # Two loops (heartbeat, lease) and a release may overlap; more would only idle.
 _POOL_SIZE: Final = 4
-_NO_PROXIES: Final[dict[str, str]] = {}  # trust_env is off and the session sets none
+_PATHS: Final = (HEARTBEAT_PATH, ACQUIRE_PATH, RELEASE_PATH)
 
 _HEARTBEAT_SCHEMA = HeartbeatRequestSchema()
 _ACQUIRE_SCHEMA = AcquireRequestSchema()
 _RELEASE_SCHEMA = ReleaseRequestSchema()
 
-# The monotonic deadline of the call running in this thread or greenlet (each has its own
-# context), read by the sockets below.
-_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "conductord_client_deadline", default=None
-)
 
+class _NotSent(Exception):
+    """No connection could be opened: nothing of the request left this process."""
 
-class _DeadlineReader(io.RawIOBase):
-    """Socket reads whose timeout never reaches past the current call's deadline."""
-
-    def __init__(self, raw: io.RawIOBase, sock: socket.socket, deadline: float) -> None:
-        super().__init__()
-        self._raw = raw
-        self._sock = sock
-        self._deadline = deadline
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int | None:
-        remaining = self._deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("timed out")
-        per_read = self._sock.gettimeout()
-        if per_read is not None and per_read <= remaining:
-            return self._raw.readinto(buffer)
-        self._sock.settimeout(remaining)
-        try:
-            return self._raw.readinto(buffer)
-        finally:
-            self._sock.settimeout(per_read)
-
-    def close(self) -> None:
-        try:
-            self._raw.close()
-        finally:
-            super().close()
-
-
-class _DeadlineHTTPResponse(http.client.HTTPResponse):
-    def __init__(self, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
-        super().__init__(sock, *args, **kwargs)
-        deadline = _deadline.get()
-        if deadline is not None:
-            self.fp = io.BufferedReader(_DeadlineReader(self.fp.detach(), sock, deadline))
-
-
-class _OneSendMixin:
-    """Sends the request head and a bytes body in one write instead of two.
-
-    urllib3 writes the head, then the body: two syscalls and, on loopback, two wake-ups of
-    the server per call. Here the body rides along with the head's write.
-    """
-
-    _body_tail: bytes | None = None
-
-    def request(self, method: str, url: str, body: Any = None, headers: Any = None, **kwargs: Any):
-        framed = headers is not None and "Content-Length" in headers
-        if not (isinstance(body, bytes) and body and framed and not kwargs.get("chunked")):
-            return super().request(method, url, body, headers, **kwargs)  # type: ignore[misc]
-        self._body_tail = body
-        try:
-            # No body here: the framing header is already set, so urllib3 adds none.
-            return super().request(method, url, None, headers, **kwargs)  # type: ignore[misc]
-        finally:
-            self._body_tail = None
-
-    def send(self, data: Any) -> None:
-        tail, self._body_tail = self._body_tail, None
-        super().send(data + tail if tail is not None else data)  # type: ignore[misc]
-
-
-class _HTTPConnection(_OneSendMixin, HTTPConnection):
-    response_class = _DeadlineHTTPResponse
-
-    @property
-    def is_connected(self) -> bool:
-        # urllib3 asks this before reusing a pooled connection, via a zero-timeout poll();
-        # under gevent that poll builds and tears down watchers on every call. One
-        # non-blocking peek gives the same answer: nothing to read means the server has
-        # neither closed the connection nor sent anything unasked.
-        sock = self.sock
-        if sock is None:
-            return False
-        per_read = sock.gettimeout()
-        sock.settimeout(0.0)
-        try:
-            sock.recv(1, socket.MSG_PEEK)
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-        finally:
-            sock.settimeout(per_read)
-        return False  # end of stream, or bytes nobody asked for
-
-
-class _HTTPSConnection(_OneSendMixin, HTTPSConnection):
-    response_class = _DeadlineHTTPResponse
-
-
-class _HTTPPool(HTTPConnectionPool):
-    ConnectionCls = _HTTPConnection
-
-
-class _HTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _HTTPSConnection
-
-
-class _DeadlineAdapter(HTTPAdapter):
-    """requests' adapter with the pool classes above, trimmed of per-call work this client
-    does not need: with no proxy, the pool for a URL is looked up once (not parsed out of
-    the URL and searched for on every call), and the request line is the path alone.
-    Responses carry no cookie jar contents and no charset guess: nothing here reads them.
-    """
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
-        self._pools: dict[tuple[Any, ...], HTTPConnectionPool] = {}
-
-    def get_connection_with_tls_context(
-        self,
-        request: requests.PreparedRequest,
-        verify: Any,
-        proxies: Any = None,
-        cert: Any = None,
-    ) -> HTTPConnectionPool:
-        if proxies:
-            return super().get_connection_with_tls_context(request, verify, proxies, cert)
-        key = (request.url, verify, cert)
-        pool = self._pools.get(key)
-        if pool is None or pool.pool is None:  # a closed pool (close(), eviction) is replaced
-            pool = super().get_connection_with_tls_context(request, verify, proxies, cert)
-            self._pools[key] = pool
-        return pool
-
-    def request_url(self, request: requests.PreparedRequest, proxies: Any) -> str:
-        return super().request_url(request, proxies) if proxies else request.path_url
-
-    def build_response(self, req: requests.PreparedRequest, resp: Any) -> requests.Response:
-        response = requests.Response()
-        response.status_code = resp.status
-        response.headers = CaseInsensitiveDict(resp.headers)
-        response.raw = resp
-        response.reason = resp.reason
-        response.url = req.url
-        response.request = req
-        response.connection = self
-        return response
-
-    def close(self) -> None:
-        self._pools.clear()
-        super().close()
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
 
 
 def _cut(text: str, limit: int) -> str:
@@ -248,18 +122,21 @@ def _json_or_none(body: bytes) -> tuple[bool, Any]:
         return False, None
 
 
-def _is_plain_success(payload: Any) -> bool:
-    """True for the everyday success envelope, which `parse_envelope` would take as such.
-
-    Checked by hand because marshmallow was a tenth of the client's CPU per call; any other
-    shape (an error envelope, a mistyped `request_id`, no `data`) goes to `parse_envelope`.
-    """
-    return (
-        type(payload) is dict
-        and payload.get("ok") is True
-        and "data" in payload
-        and (payload.get("request_id") is None or type(payload["request_id"]) is str)
-    )
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and what it wraps (requests' and urllib3's layers), outermost first."""
+    seen: set[int] = set()
+    queue: list[BaseException] = [exc]
+    found: list[BaseException] = []
+    while queue:
+        current = queue.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        found.append(current)
+        nested = [getattr(current, "reason", None), current.__cause__, current.__context__]
+        nested.extend(current.args)
+        queue.extend(item for item in nested if isinstance(item, BaseException))
+    return found
 
 
 def describe_transport_error(exc: BaseException) -> str:
@@ -268,14 +145,8 @@ def describe_transport_error(exc: BaseException) -> str:
     "Connection refused" rather than the urllib3 pool repr around it; `conductord status`
     uses it too.
     """
-    seen: set[int] = set()
-    queue: list[BaseException] = [exc]
     fallback: BaseException | None = None
-    while queue:
-        current = queue.pop(0)
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
+    for current in _causes(exc):
         if isinstance(current, http.client.IncompleteRead):
             partial = current.partial
             read = len(partial) if isinstance(partial, bytes) else partial
@@ -288,27 +159,64 @@ def describe_transport_error(exc: BaseException) -> str:
             return f"invalid HTTP status line {_cut(str(current.line).strip(), 100)!r}"
         if isinstance(current, http.client.HTTPException) and fallback is None:
             fallback = current
-        nested = [getattr(current, "reason", None), current.__cause__, current.__context__]
-        nested.extend(current.args)
-        queue.extend(item for item in nested if isinstance(item, BaseException))
     chosen = fallback or exc
     return str(chosen) or type(chosen).__name__
 
 
+def _never_sent(exc: BaseException) -> bool:
+    """The failure was opening a new connection, before any byte of the request was written."""
+    return any(isinstance(cause, NewConnectionError) for cause in _causes(exc))
+
+
+def _unhealthy(err: ControlApiError) -> bool:
+    """The URL did not answer as a Control API: no answer, a 5xx, or a 2xx that is no answer."""
+    status = err.status
+    return status is None or status >= 500 or (status < 300 and err.code is None)
+
+
+def _base_urls(base_urls: str | Sequence[str]) -> tuple[str, ...]:
+    raw = base_urls.split(",") if isinstance(base_urls, str) else list(base_urls)
+    urls: list[str] = []
+    for item in raw:
+        url = item.strip().rstrip("/") if isinstance(item, str) else ""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("Control API base URL must be an http:// or https:// URL")
+        if url in urls:
+            raise ValueError("Control API base URLs must not repeat")
+        urls.append(url)
+    if not urls:
+        raise ValueError("Control API base URL must be an http:// or https:// URL")
+    return tuple(urls)
+
+
+def _field_errors(messages: Any, prefix: str = "") -> list[str]:
+    if isinstance(messages, dict):
+        found: list[str] = []
+        for key, value in messages.items():
+            found += _field_errors(value, f"{prefix}{key}: ")
+        return found
+    if isinstance(messages, list | tuple):
+        return [f"{prefix}{' '.join(str(m) for m in messages)}"]
+    return [f"{prefix}{messages}"]
+
+
 class ControlApiClient:
-    """Control API v1 over one keep-alive session; see the module docstring for the policy."""
+    """Control API v1 over keep-alive sessions; see the module docstring for the policy.
+
+    `base_urls` is one URL, a comma-separated list, or a sequence of URLs (a trailing `/` is
+    dropped). `base_url` is the one in use, `base_urls` all of them.
+    """
 
     def __init__(
         self,
-        base_url: str,
+        base_urls: str | Sequence[str],
         *,
         token: str | None = None,
         timeout_ms: int = 5000,
         user_agent: str | None = None,
     ) -> None:
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("Control API base URL must be an http:// or https:// URL")
+        urls = _base_urls(base_urls)
         if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or timeout_ms < 1:
             raise ValueError("timeout_ms must be an integer >= 1")
         if token is not None and (
@@ -316,14 +224,13 @@ class ControlApiClient:
         ):
             # Checked here because requests would echo the header value in its own error.
             raise ValueError("shared token is empty or holds characters not allowed in a header")
-        self.base_url = base_url.rstrip("/")
+        self.base_urls = urls
         self.timeout_ms = timeout_ms
         self._token = token or None
+        self._secrets = (self._token,) if self._token else ()
         session = requests.Session()
         session.trust_env = False
-        adapter = _DeadlineAdapter(
-            max_retries=0, pool_connections=1, pool_maxsize=_POOL_SIZE, pool_block=False
-        )
+        adapter = HTTPAdapter(max_retries=0, pool_connections=len(urls), pool_maxsize=_POOL_SIZE)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         session.headers.clear()
@@ -338,17 +245,17 @@ class ControlApiClient:
             session.headers["authorization"] = f"Bearer {self._token}"
         self._session = session
         self._adapter = adapter
-        # Each call copies its path's request, prepared here once: preparing it per call
-        # (URL parsing, merging session settings, requests' Protocol isinstance checks) was
-        # a third of the CPU a call costs.
-        self._templates = {
-            path: session.prepare_request(requests.Request("POST", self.base_url + path))
-            for path in (HEARTBEAT_PATH, ACQUIRE_PATH, RELEASE_PATH)
-        }
+        self._requests = [
+            {path: session.prepare_request(requests.Request("POST", url + path)) for path in _PATHS}
+            for url in urls
+        ]
+        self._lock = threading.Lock()
+        self._current = 0
+        self._counts = {(url, outcome): 0 for url in urls for outcome in OUTCOMES}
 
     def __repr__(self) -> str:
         return (
-            f"ControlApiClient(base_url={self.base_url!r}, timeout_ms={self.timeout_ms}, "
+            f"ControlApiClient(base_urls={list(self.base_urls)!r}, timeout_ms={self.timeout_ms}, "
             f"has_token={self._token is not None})"
         )
 
@@ -361,36 +268,23 @@ class ControlApiClient:
     def close(self) -> None:
         self._session.close()
 
+    @property
+    def base_url(self) -> str:
+        """The base URL in use: the next call starts there."""
+        return self.base_urls[self._current]
+
+    def call_counts(self) -> dict[tuple[str, str], int]:
+        """Calls per (base URL, outcome), every pair present, for
+        `conductord_control_api_calls_total{base_url,outcome}`: `ok` answered there, `error`
+        failed there, `moved` refused there before the request was sent and went on."""
+        with self._lock:
+            return dict(self._counts)
+
     # -- endpoints ---------------------------------------------------------------------------
 
-    def heartbeat(
-        self,
-        *,
-        controller_id: str,
-        host: str,
-        role: str | None,
-        priority: int | None,
-        status: str | None,
-        version: str | None,
-        heartbeat_at: int | None,
-        started_at: int | None,
-        instance_id: str | None = None,
-    ) -> object:
+    def heartbeat(self, heartbeat: Heartbeat) -> object:
         """Register or refresh this node; returns the response data (None for no body)."""
-        body = _HEARTBEAT_SCHEMA.dump(
-            {
-                "controller_id": controller_id,
-                "host": host,
-                "role": role,
-                "priority": priority,
-                "status": status,
-                "version": version,
-                "heartbeat_at": heartbeat_at,
-                "started_at": started_at,
-                "instance_id": instance_id,
-            }
-        )
-        return self._post(HEARTBEAT_PATH, body)
+        return self._post(HEARTBEAT_PATH, self._body(HEARTBEAT_PATH, _HEARTBEAT_SCHEMA, heartbeat))
 
     def acquire_leader_lease(
         self,
@@ -404,11 +298,16 @@ class ControlApiClient:
         wait_ms: int | None = None,
         instance_id: str | None = None,
     ) -> AcquireResult:
-        """Acquire or renew the lease; `wait_ms` > 0 long-polls (§12) and extends the budget."""
+        """Acquire or renew the lease; `wait_ms` > 0 long-polls (§12) and extends the budget.
+
+        A wait above the wire's 60 s is cut to it rather than refused.
+        """
         if now is None:
             now = int(time.time())
-        wait = wait_ms if wait_ms is not None and wait_ms > 0 else 0
-        body = _ACQUIRE_SCHEMA.dump(
+        wait = min(max(wait_ms or 0, 0), MAX_WAIT_MS)
+        body = self._body(
+            ACQUIRE_PATH,
+            _ACQUIRE_SCHEMA,
             {
                 "controller_id": controller_id,
                 "host": host,
@@ -418,7 +317,7 @@ class ControlApiClient:
                 "now": now,
                 "wait_ms": wait or None,
                 "instance_id": instance_id,
-            }
+            },
         )
         data = self._post(ACQUIRE_PATH, body, extra_ms=wait)
         return parse_acquire_result(
@@ -429,8 +328,10 @@ class ControlApiClient:
         self, *, controller_id: str, term: int, instance_id: str | None = None
     ) -> ReleaseResult:
         """Give the lease up; a server without this endpoint (404) yields supported=False."""
-        body = _RELEASE_SCHEMA.dump(
-            {"controller_id": controller_id, "term": term, "instance_id": instance_id}
+        body = self._body(
+            RELEASE_PATH,
+            _RELEASE_SCHEMA,
+            {"controller_id": controller_id, "term": term, "instance_id": instance_id},
         )
         try:
             data = self._post(RELEASE_PATH, body)
@@ -442,27 +343,87 @@ class ControlApiClient:
 
     # -- transport ---------------------------------------------------------------------------
 
+    @staticmethod
+    def _body(path: str, schema: Schema, value: Any) -> dict[str, Any]:
+        """The wire body, checked against the rules the server holds it to."""
+        try:
+            return dump_request(schema, value)
+        except ValidationError as err:
+            # The messages name fields and rules, never values.
+            detail = "; ".join(_field_errors(err.messages))
+            raise ControlApiError(
+                f"Control API {path}: request not sent: {detail}", path=path
+            ) from None
+
     def _post(self, path: str, body: dict[str, Any], *, extra_ms: int = 0) -> Any:
         budget_ms = self.timeout_ms + extra_ms
-        try:
-            status, reason, raw = self._exchange(path, body, budget_ms)
-        except ControlApiError as err:
-            raise self._redacted(err) from None
-        return self._interpret(path, status, reason, raw)
-
-    def _exchange(self, path: str, body: dict[str, Any], budget_ms: int) -> tuple[int, str, bytes]:
-        """Send and read the whole answer within the budget: (status, reason, body bytes)."""
         data = json.dumps(body, separators=(",", ":")).encode("ascii")
-        token = _deadline.set(time.monotonic() + budget_ms / 1000)
+        first = index = self._current
+        deadline = time.monotonic() + budget_ms / 1000
+        timer = gevent.Timeout(budget_ms / 1000)
+        try:
+            with timer:
+                while True:
+                    try:
+                        status, reason, raw = self._exchange(index, path, data, deadline, budget_ms)
+                        break
+                    except _NotSent as refused:
+                        following = (index + 1) % len(self.base_urls)
+                        if following == first:
+                            raise ControlApiError(
+                                f"Control API {path}: connection failed: {refused.detail}",
+                                path=path,
+                            ) from None
+                        self._count(index, "moved")
+                        index = following
+        except gevent.Timeout as fired:
+            if fired is not timer:
+                raise
+            self._failed(index, advance=True)
+            raise ControlApiError(
+                f"Control API {path}: timed out after {budget_ms} ms", path=path
+            ) from None
+        except ControlApiError as err:
+            self._failed(index, advance=_unhealthy(err))
+            raise self._redacted(err) from None
+        try:
+            payload = self._interpret(path, status, reason, raw)
+        except ControlApiError as err:
+            self._failed(index, advance=_unhealthy(err))
+            raise
+        with self._lock:
+            self._current = index  # stay on whichever URL last answered
+            self._counts[(self.base_urls[index], "ok")] += 1
+        return payload
+
+    def _count(self, index: int, outcome: str) -> None:
+        with self._lock:
+            self._counts[(self.base_urls[index], outcome)] += 1
+
+    def _failed(self, index: int, *, advance: bool) -> None:
+        with self._lock:
+            self._counts[(self.base_urls[index], "error")] += 1
+            # Only if no other call has moved on already (both loops failing at once).
+            if advance and self._current == index:
+                self._current = (index + 1) % len(self.base_urls)
+
+    def _exchange(
+        self, index: int, path: str, data: bytes, deadline: float, budget_ms: int
+    ) -> tuple[int, str, bytes]:
+        """Send to one URL and read the whole answer: (status, reason, body bytes)."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ControlApiError(f"Control API {path}: timed out after {budget_ms} ms", path=path)
+        request = self._requests[index][path].copy()
+        request.prepare_body(data, None)
         try:
             response = self._adapter.send(
-                self._prepared(path, data),
-                timeout=(self.timeout_ms / 1000, budget_ms / 1000),
+                request,
                 stream=True,
-                # What Session.request would merge in; passing it skips the merging.
+                timeout=(min(self.timeout_ms / 1000, left), left),
                 verify=self._session.verify,
                 cert=self._session.cert,
-                proxies=_NO_PROXIES,
+                proxies={},
             )
             try:
                 raw = self._read_body(path, response)
@@ -477,24 +438,14 @@ class ControlApiClient:
                 f"Control API {path}: timed out after {budget_ms} ms", path=path
             ) from None
         except Exception as exc:  # requests, urllib3, http.client, ssl, socket: all transport
-            detail = _cut(" ".join(describe_transport_error(exc).split()), _BODY_PREVIEW_CHARS)
+            detail = self._server_text(
+                " ".join(describe_transport_error(exc).split()), _BODY_PREVIEW_CHARS
+            )
+            if _never_sent(exc):
+                raise _NotSent(detail) from None
             raise ControlApiError(
                 f"Control API {path}: connection failed: {detail}", path=path
             ) from None
-        finally:
-            _deadline.reset(token)
-
-    def _prepared(self, path: str, data: bytes) -> requests.PreparedRequest:
-        """A fresh copy of `path`'s prepared request carrying `data`."""
-        template = self._templates[path]
-        request = requests.PreparedRequest()
-        request.method = template.method
-        request.url = template.url
-        request.headers = template.headers.copy()
-        request.headers["Content-Length"] = str(len(data))
-        request.body = data
-        request.hooks = template.hooks
-        return request
 
     @staticmethod
     def _read_body(path: str, response: requests.Response) -> bytes:
@@ -516,8 +467,7 @@ class ControlApiClient:
             chunks.append(chunk)
             total += len(chunk)
             if response.raw.length_remaining == 0:
-                # All the declared bytes are in (urllib3 has already put the connection
-                # back): asking for the end of the body again would be one more read.
+                # All the declared bytes are in: asking for the end again would be a read more.
                 response.raw.release_conn()
                 return b"".join(chunks)
         response.close()
@@ -533,8 +483,6 @@ class ControlApiClient:
         """§4 rules 1–3."""
         empty = not raw.strip()
         parsed, payload = (False, None) if empty else _json_or_none(raw)
-        if parsed and 200 <= status < 300 and _is_plain_success(payload):
-            return payload["data"]
         envelope = parse_envelope(payload) if parsed else None
         if 200 <= status < 300:
             if empty:
@@ -551,28 +499,28 @@ class ControlApiClient:
         if envelope is not None and not envelope.ok:
             raise self._error(f"Control API {status} {path}: ", path, status, envelope)
         if empty:
-            detail = reason or http.client.responses.get(status, "Unknown")
+            detail = safe_text(reason) or http.client.responses.get(status, "Unknown")
         else:
-            detail = _cut(raw.decode("utf-8", errors="replace").strip(), _BODY_PREVIEW_CHARS)
+            text = raw[: 4 * (_BODY_PREVIEW_CHARS + _REDACT_SLACK)].decode("utf-8", "replace")
+            detail = self._server_text(text.strip(), _BODY_PREVIEW_CHARS)
         raise self._redacted(
             ControlApiError(f"Control API {status} {path}: {detail}", path=path, status=status)
         )
 
     def _error(self, prefix: str, path: str, status: int, envelope: Any) -> ControlApiError:
-        error = _cut(envelope.error, _ENVELOPE_TEXT_CHARS)
-        message = _cut(envelope.message, _ENVELOPE_TEXT_CHARS)
+        error = self._server_text(envelope.error, _ENVELOPE_TEXT_CHARS)
+        message = self._server_text(envelope.message, _ENVELOPE_TEXT_CHARS)
         return self._redacted(
-            ControlApiError(
-                f"{prefix}{error}: {message}", path=path, status=status, code=envelope.error
-            )
+            ControlApiError(f"{prefix}{error}: {message}", path=path, status=status, code=error)
         )
 
+    def _server_text(self, text: str, limit: int) -> str:
+        """A server's text, valid Unicode and redacted, then cut to `limit` characters."""
+        return _cut(redact(safe_text(text[: limit + _REDACT_SLACK]), self._secrets), limit)
+
     def _redacted(self, err: ControlApiError) -> ControlApiError:
-        if self._token is None or self._token not in err.message:
+        """The last line of defence over the whole message."""
+        message = redact(safe_text(err.message), self._secrets)
+        if message == err.message:
             return err
-        return ControlApiError(
-            err.message.replace(self._token, "***"),
-            path=err.path,
-            status=err.status,
-            code=err.code,
-        )
+        return ControlApiError(message, path=err.path, status=err.status, code=err.code)

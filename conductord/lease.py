@@ -70,7 +70,7 @@ class LeaseResponse(Protocol):
     term: int
     lease_expires_at: float
     is_leader: bool
-    operation: str
+    operation: str  # "acquire" or "renew" (`wire.wire_operation`)
     # The holder is our node id from another process instance (SPEC §15).
     instance_conflict: bool
 
@@ -174,7 +174,7 @@ class LeaseMachine:
         self.current_leader_id = response.holder_id
         self.current_term = response.term
         self.lease_expires_at = response.lease_expires_at
-        self.last_lease_operation = "renew" if response.operation == "renew" else "acquire"
+        self.last_lease_operation = response.operation  # already the wire's acquire or renew
         if self.consecutive_heartbeat_failures == 0:
             self.last_error = None
 

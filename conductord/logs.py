@@ -4,23 +4,35 @@ Configured once per process by `configure()`; every later `get_logger()` shares 
 line starts with `timestamp` (ISO 8601 UTC), `level` and `event`, followed by the fields
 bound at configure time (for the daemon: `node_id`, `host`, `role`) and the event's own.
 
-Secrets handed to `configure(secrets=...)` are replaced by `***` in every string value as a
-last line of defence; code should never log them in the first place.
+Logging never raises because of a value, and the line is still written: every value is made
+JSON-safe before rendering (lone surrogates become U+FFFD, an object becomes its `str()` or a
+placeholder when that raises, nesting is capped), and a line that still cannot be rendered is
+replaced by one naming the event and the problem. A log call in a crash or stop path must not
+be the thing that fails.
+
+Secrets handed to `configure(secrets=...)` are removed from every string value, with any
+piece of them of 8 characters or more (`conductord.redact`), as a last line of defence; code
+should never log them in the first place.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from collections.abc import Iterable
 from typing import IO, Any
 
 import structlog
 
+from conductord.redact import redact, safe_text
+
 LEVELS = ("debug", "info", "warning", "error")
 
 _LEADING_KEYS = ("timestamp", "level", "event")
+_MAX_DEPTH = 32  # deeper values are logged as their str(); a cycle ends here too
+_JSON_KEYS = (str, int, float, bool, type(None))
 
 
 def _leading_keys_first(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
@@ -29,32 +41,53 @@ def _leading_keys_first(_logger: Any, _name: str, event_dict: dict[str, Any]) ->
     return ordered
 
 
-class _Redactor:
-    """Replace any configured secret inside string values (nested ones too) by `***`."""
+def _safe_str(value: Any) -> str:
+    try:
+        return safe_text(str(value))
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
+
+
+class _Sanitizer:
+    """Make every value JSON-safe and remove the configured secrets from every string."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         self._secrets = tuple(s for s in secrets if s)
 
-    def _scrub(self, value: Any) -> Any:
+    def _text(self, value: str) -> str:
+        value = safe_text(value)
+        return redact(value, self._secrets) if self._secrets else value
+
+    def _clean(self, value: Any, depth: int) -> Any:
         if isinstance(value, str):
-            for secret in self._secrets:
-                if secret in value:
-                    value = value.replace(secret, "***")
+            return self._text(value)
+        if value is None or isinstance(value, bool | int):
             return value
-        if isinstance(value, dict):
-            return {k: self._scrub(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [self._scrub(v) for v in value]
-        return value
+        if isinstance(value, float):
+            return value if math.isfinite(value) else str(value)  # NaN is not JSON
+        if depth < _MAX_DEPTH:
+            if isinstance(value, dict):
+                return {
+                    self._clean(k, depth + 1)
+                    if isinstance(k, _JSON_KEYS)
+                    else self._text(_safe_str(k)): self._clean(v, depth + 1)
+                    for k, v in value.items()
+                }
+            if isinstance(value, list | tuple | set | frozenset):
+                return [self._clean(v, depth + 1) for v in value]
+        return self._text(_safe_str(value))
 
     def __call__(self, _logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-        if not self._secrets:
-            return event_dict
-        return {k: self._scrub(v) for k, v in event_dict.items()}
+        return self._clean(event_dict, 0)
 
 
 def _dumps(obj: Any, **kwargs: Any) -> str:
-    return json.dumps(obj, default=str, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return json.dumps(obj, default=_safe_str, separators=(",", ":"), ensure_ascii=False)
+    except Exception as exc:  # the line is still written, naming what went wrong
+        fallback = {key: _safe_str(obj.get(key)) for key in _LEADING_KEYS if key in obj}
+        fallback["log_error"] = f"{type(exc).__name__}: {_safe_str(exc)}"
+        return json.dumps(fallback, separators=(",", ":"), ensure_ascii=False)
 
 
 def configure(
@@ -73,7 +106,7 @@ def configure(
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            _Redactor(secrets),
+            _Sanitizer(secrets),
             _leading_keys_first,
             structlog.processors.JSONRenderer(serializer=_dumps),
         ],

@@ -60,6 +60,7 @@ from conductord.lease import (
     startup_checklist,
 )
 from conductord.status import StatusServer, StatusServerError
+from conductord.wire import Heartbeat
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -360,15 +361,17 @@ class Runtime:
         cfg = self.config
         try:
             self.client.heartbeat(
-                controller_id=cfg.node_id,
-                host=cfg.host,
-                role=cfg.role,
-                priority=cfg.priority,
-                status=str(self.machine.state),
-                version=cfg.controller_version,
-                heartbeat_at=int(self.wall()),
-                started_at=int(self.started_at),
-                instance_id=self.instance_id,
+                Heartbeat(
+                    controller_id=cfg.node_id,
+                    host=cfg.host,
+                    role=cfg.role,
+                    priority=cfg.priority,
+                    status=str(self.machine.state),
+                    version=cfg.controller_version,
+                    heartbeat_at=int(self.wall()),
+                    started_at=int(self.started_at),
+                    instance_id=self.instance_id,
+                )
             )
         except ControlApiError as exc:
             error = str(exc)

@@ -76,6 +76,7 @@ from conductord.lease import (
     LeaseState,
     default_margin_s,
 )
+from conductord.wire import wire_operation
 
 INF = math.inf
 
@@ -795,7 +796,7 @@ class Simulation:
             term=row.term,
             lease_expires_at=row.lease_expires_at,
             is_leader=decision.is_leader,
-            operation="renew" if decision.operation == "renew" else "acquire",
+            operation=wire_operation(decision.operation),
         )
 
     def _server_acquire(self, node: _Node, inc: int, rid: int, wait_s: float) -> None:

@@ -1,17 +1,33 @@
 """Control API v1 wire contract (SPEC §4), shared by the client and the reference server.
 
-Request bodies: one marshmallow schema per endpoint. `.dump(dict)` builds the wire body the
-client sends (snake_case, unset or None keys omitted, declared key order); `.load(dict)` is the
-server's validation and raises `marshmallow.ValidationError` with per-field messages. Types are
-strict: an integer must be a JSON integer (not a string, float or boolean), a boolean a JSON
-boolean. Unknown keys are ignored so newer clients keep working against older servers.
+Every body goes through its marshmallow schema, both ways; there is no hand-written shortcut
+around one (SPEC §18).
+
+Request bodies: one schema per endpoint. `dump_request(schema, value)` builds the wire body the
+client sends (snake_case, unset or None keys omitted, declared key order) and checks it with the
+very rules the server loads it with, so a node never sends what a server must refuse; `.load()`
+is the server's validation and raises `marshmallow.ValidationError` with per-field messages. The
+heartbeat is one value end to end: `Heartbeat`, which `HeartbeatRequestSchema` dumps from and
+loads into. Types are strict: an integer must be a JSON integer (not a string, float or
+boolean), a boolean a JSON boolean. Unknown keys are ignored so newer clients keep working
+against older servers.
+
+Bounds on what a client sends (SPEC §9; the server answers 400 beyond them):
+  ttl_sec 1..86400            wait_ms 0..60000           priority 0..2^31-1
+  heartbeat_at, started_at, now 0..2^33 (unix seconds)   term 0..2^63-1
+  controller_id, host <= 255 characters                  role, status <= 32
+  version <= 128              instance_id <= 128         metadata_json <= 16 KiB of UTF-8
+  and in every string: no lone surrogate (not valid Unicode, SPEC §9) and no NUL.
 
 Responses: the envelopes, and the acquire and release answers. A client accepts snake_case or
 camelCase keys (the TypeScript original spoke camelCase), fills the defaults of §4 rule 5, and
-turns anything it cannot use into `ControlApiError` with the exact §4 text. One deliberate
-tightening beyond the seed: an acquire answer never makes this node leader unless it also
-names this node as holder, whatever `is_leader` says, so a confused server cannot cause two
-nodes to schedule at once.
+turns anything it cannot use into `ControlApiError` with the exact §4 text. A server's string
+field is held to the bounds of the request field it mirrors (holder ids as controller ids, and
+so on) and must be valid Unicode without NUL: a wrong one counts as absent, so an identity field
+with a lone surrogate is the §4 missing-identity error and no such string reaches a log line or
+the snapshot. One deliberate tightening beyond the seed: an acquire answer never makes this node
+leader unless it also names this node as holder, whatever `is_leader` says, so a confused
+server cannot cause two nodes to schedule at once.
 
 Limits: no schema versioning beyond v1; the lease record inside a release answer is dropped
 (None) rather than rejected when its identity fields are unusable, since release is best
@@ -22,17 +38,36 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_dump, pre_load, validate
+from marshmallow import (
+    EXCLUDE,
+    Schema,
+    ValidationError,
+    fields,
+    post_dump,
+    post_load,
+    pre_load,
+    validate,
+)
 
-MAX_WAIT_MS: Final = 60_000
 ACQUIRE_PATH: Final = "/v1/leader/acquire"
 RELEASE_PATH: Final = "/v1/leader/release"
 HEARTBEAT_PATH: Final = "/v1/controllers/heartbeat"
 DEFAULT_LEASE_NAME: Final = "global"
+
+# Bounds (module docstring).
+MAX_TTL_SEC: Final = 86_400
+MAX_WAIT_MS: Final = 60_000
+MAX_PRIORITY: Final = 2**31 - 1
+MAX_UNIX_TIME: Final = 2**33
+MAX_TERM: Final = 2**63 - 1
+MAX_ID_CHARS: Final = 255  # controller_id, host
+MAX_LABEL_CHARS: Final = 32  # role, status, operation
+MAX_VERSION_CHARS: Final = 128
+MAX_INSTANCE_CHARS: Final = 128
+MAX_METADATA_BYTES: Final = 16 * 1024
 
 NON_OBJECT_MESSAGE: Final = f"Control API {ACQUIRE_PATH} returned a non-object payload."
 MISSING_IDENTITY_MESSAGE: Final = (
@@ -61,7 +96,22 @@ def _rebuild_error(message: str, path: str, status: int | None, code: str | None
     return ControlApiError(message, path=path, status=status, code=code)
 
 
-# -- results -------------------------------------------------------------------------------
+# -- values ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """One heartbeat (SPEC §4), as the node sends it and the server loads it."""
+
+    controller_id: str
+    host: str
+    role: str | None = None
+    priority: int | None = None
+    status: str | None = None  # the node's lease state
+    version: str | None = None
+    heartbeat_at: int | None = None
+    started_at: int | None = None
+    instance_id: str | None = None  # the process instance (SPEC §15); absent from older nodes
 
 
 @dataclass(frozen=True)
@@ -113,6 +163,14 @@ class Envelope:
     details: Any = None
 
 
+def wire_operation(operation: object) -> str:
+    """The wire's `operation`: "renew" only for a renewal; a grant or a denial is "acquire".
+
+    The one place this is decided, for the client reading an answer and a server writing one.
+    """
+    return "renew" if operation == "renew" else "acquire"
+
+
 # -- strict fields ---------------------------------------------------------------------------
 
 
@@ -147,13 +205,40 @@ class StrictBoolean(fields.Field):
         raise self.make_error("invalid")
 
 
+def _valid_unicode(value: str) -> None:
+    if "\0" in value:
+        raise ValidationError("Must not contain NUL.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError("Not valid Unicode.") from None
+
+
 def _not_blank(value: str) -> None:
     if not value.strip():
         raise ValidationError("Must not be blank.")
 
 
-def _required_text() -> fields.String:
-    return fields.String(required=True, validate=_not_blank)
+def _utf8_at_most(limit: int):
+    def check(value: str) -> None:
+        if len(value.encode("utf-8", "surrogatepass")) > limit:
+            raise ValidationError(f"Longer than {limit} bytes of UTF-8.")
+
+    return check
+
+
+def _text(max_chars: int | None = None, *, blank: bool = True, **kwargs: Any) -> fields.String:
+    """A string field: valid Unicode, no NUL, at most `max_chars`, not blank unless `blank`."""
+    checks: list[Any] = [_valid_unicode]
+    if max_chars is not None:
+        checks.append(validate.Length(max=max_chars))
+    if not blank:
+        checks.append(_not_blank)
+    return fields.String(validate=checks, **kwargs)
+
+
+def _time(**kwargs: Any) -> StrictInteger:
+    return StrictInteger(validate=validate.Range(min=0, max=MAX_UNIX_TIME), **kwargs)
 
 
 class _WireSchema(Schema):
@@ -169,35 +254,57 @@ class _WireSchema(Schema):
 
 
 class HeartbeatRequestSchema(_WireSchema):
-    controller_id = _required_text()
-    host = _required_text()
-    role = fields.String()
-    priority = StrictInteger()
-    status = fields.String()
-    version = fields.String()
-    heartbeat_at = StrictInteger()
-    started_at = StrictInteger()
-    instance_id = fields.String(validate=_not_blank)
+    controller_id = _text(MAX_ID_CHARS, blank=False, required=True)
+    host = _text(MAX_ID_CHARS, blank=False, required=True)
+    role = _text(MAX_LABEL_CHARS)
+    priority = StrictInteger(validate=validate.Range(min=0, max=MAX_PRIORITY))
+    status = _text(MAX_LABEL_CHARS)
+    version = _text(MAX_VERSION_CHARS)
+    heartbeat_at = _time()
+    started_at = _time()
+    instance_id = _text(MAX_INSTANCE_CHARS, blank=False)
+
+    @post_load
+    def _heartbeat(self, data: dict[str, Any], **kwargs: Any) -> Heartbeat:
+        return Heartbeat(**data)
 
 
 class AcquireRequestSchema(_WireSchema):
-    controller_id = _required_text()
-    host = _required_text()
+    controller_id = _text(MAX_ID_CHARS, blank=False, required=True)
+    host = _text(MAX_ID_CHARS, blank=False, required=True)
     ttl_sec = StrictInteger(
-        required=True, validate=validate.Range(min=1, error="Must be a positive integer.")
+        required=True,
+        validate=validate.Range(
+            min=1, max=MAX_TTL_SEC, error=f"Must be an integer from 1 to {MAX_TTL_SEC}."
+        ),
     )
     preferred = StrictBoolean()
-    metadata_json = fields.String(allow_none=True)
-    now = StrictNumber()
+    metadata_json = fields.String(
+        allow_none=True, validate=[_valid_unicode, _utf8_at_most(MAX_METADATA_BYTES)]
+    )
+    now = StrictNumber(validate=validate.Range(min=0, max=MAX_UNIX_TIME))
     wait_ms = StrictInteger(validate=validate.Range(min=0, max=MAX_WAIT_MS))
     # The process instance of the controller (SPEC §15); absent from older nodes.
-    instance_id = fields.String(validate=_not_blank)
+    instance_id = _text(MAX_INSTANCE_CHARS, blank=False)
 
 
 class ReleaseRequestSchema(_WireSchema):
-    controller_id = _required_text()
-    term = StrictInteger(required=True, validate=validate.Range(min=0))
-    instance_id = fields.String(validate=_not_blank)
+    controller_id = _text(MAX_ID_CHARS, blank=False, required=True)
+    term = StrictInteger(required=True, validate=validate.Range(min=0, max=MAX_TERM))
+    instance_id = _text(MAX_INSTANCE_CHARS, blank=False)
+
+
+def dump_request(schema: Schema, value: Any) -> dict[str, Any]:
+    """The wire body of `value` (a dict, or a `Heartbeat`), held to the server's own rules.
+
+    Raises `ValidationError` with per-field messages (never the values) for a body a server
+    would refuse.
+    """
+    body = schema.dump(value)
+    errors = schema.validate(body)
+    if errors:
+        raise ValidationError(errors)
+    return body
 
 
 # -- envelopes ---------------------------------------------------------------------------------
@@ -223,6 +330,7 @@ class _SuccessEnvelopeSchema(_WireSchema):
 class _ErrorEnvelopeSchema(_WireSchema):
     ok = StrictBoolean(required=True, validate=validate.Equal(False))
     request_id = fields.String(allow_none=True, load_default=None)
+    # Kept even when not valid Unicode: the client makes an error's text safe itself.
     error = fields.String(required=True)
     message = fields.String(required=True)
     details = fields.Raw(allow_none=True, load_default=None)
@@ -252,87 +360,12 @@ def _camel(name: str) -> str:
     return head + "".join(part.title() for part in rest)
 
 
-def _accepts(field: fields.Field) -> Callable[[Any], bool] | None:
-    """A test that `field` loads a JSON value as that very value, or None if there is none.
-
-    It only says yes where marshmallow would accept the value and return it unchanged, so a
-    payload that passes gets exactly the result marshmallow would give.
-    """
-    check: Callable[[Any], bool]
-    if type(field) is fields.Raw and not field.validators:
-        return _is_anything
-    if isinstance(field, fields.String) and field.validators == [_not_blank]:
-        check = _is_filled_text
-    elif field.validators:
-        return None
-    elif isinstance(field, StrictInteger):
-        check = _is_int
-    elif isinstance(field, StrictNumber):
-        check = _is_finite_number
-    elif isinstance(field, StrictBoolean):
-        check = _is_bool
-    elif isinstance(field, fields.String):
-        check = _is_text
-    else:
-        return None
-    if field.allow_none:
-        return lambda value: value is None or check(value)
-    return check
-
-
-def _is_anything(value: Any) -> bool:
-    return True
-
-
-def _is_int(value: Any) -> bool:
-    return type(value) is int
-
-
-def _is_finite_number(value: Any) -> bool:
-    return type(value) is int or (type(value) is float and math.isfinite(value))
-
-
-def _is_bool(value: Any) -> bool:
-    return value is True or value is False
-
-
-def _is_text(value: Any) -> bool:
-    return type(value) is str
-
-
-def _is_filled_text(value: Any) -> bool:
-    return type(value) is str and bool(value.strip())
-
-
 class _CamelTolerantSchema(_WireSchema):
-    """Loads snake_case or camelCase keys; snake_case wins when a payload has both.
-
-    `load_valid` first tries a fast path for the usual answer (snake_case keys, every value
-    of its declared type); anything else goes through marshmallow, which stays the
-    authority. The fast path was worth it: marshmallow took a tenth of the client's CPU per
-    call, on the daemon's idle hot path.
-    """
+    """Loads snake_case or camelCase keys; snake_case wins when a payload has both."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        # Worked out once rather than for every field of every answer.
         self._camel_names = tuple((name, _camel(name)) for name in self.fields)
-        self._plan = tuple(
-            (name, camel, _accepts(self.fields[name])) for name, camel in self._camel_names
-        )
-
-    def load_valid(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """The fields that load cleanly; a wrongly typed optional field counts as absent."""
-        loaded: dict[str, Any] = {}
-        for name, camel, accepts in self._plan:
-            if name in payload:
-                value = payload[name]
-                if accepts is None or not accepts(value):
-                    return _load_valid(self, payload)
-                loaded[name] = value
-            elif camel in payload:
-                return _load_valid(self, payload)
-        return loaded
 
     @pre_load
     def _snake_keys(self, data: Any, **kwargs: Any) -> Any:
@@ -346,27 +379,29 @@ class _CamelTolerantSchema(_WireSchema):
 
 
 class _LeaseRecordSchema(_CamelTolerantSchema):
-    lease_name = fields.String(validate=_not_blank)
-    holder_id = fields.String(validate=_not_blank)
-    holder_host = fields.String(validate=_not_blank)
+    lease_name = _text(MAX_ID_CHARS, blank=False)
+    holder_id = _text(MAX_ID_CHARS, blank=False)
+    holder_host = _text(MAX_ID_CHARS, blank=False)
     term = StrictInteger()
     lease_expires_at = StrictNumber()
     renewed_at = StrictNumber()
-    preferred_holder_id = fields.String(allow_none=True)
-    metadata_json = fields.String(allow_none=True)
-    holder_instance_id = fields.String(allow_none=True)
+    preferred_holder_id = _text(MAX_ID_CHARS, allow_none=True)
+    metadata_json = fields.String(
+        allow_none=True, validate=[_valid_unicode, _utf8_at_most(MAX_METADATA_BYTES)]
+    )
+    holder_instance_id = _text(MAX_INSTANCE_CHARS, allow_none=True)
 
 
 class _AcquireResponseSchema(_CamelTolerantSchema):
-    holder_id = fields.String(validate=_not_blank)
-    holder_host = fields.String(validate=_not_blank)
+    holder_id = _text(MAX_ID_CHARS, blank=False)
+    holder_host = _text(MAX_ID_CHARS, blank=False)
     term = StrictInteger()
     lease_expires_at = StrictNumber()
     renewed_at = StrictNumber()
     is_leader = StrictBoolean()
-    operation = fields.String()
+    operation = _text(MAX_LABEL_CHARS)
     lease = fields.Raw(allow_none=True)
-    holder_instance_id = fields.String(allow_none=True)
+    holder_instance_id = _text(MAX_INSTANCE_CHARS, allow_none=True)
 
 
 class _ReleaseResponseSchema(_CamelTolerantSchema):
@@ -386,11 +421,12 @@ def _load_valid(schema: Schema, payload: Any) -> dict[str, Any]:
     try:
         return schema.load(payload)
     except ValidationError as err:
-        return dict(err.valid_data or {})
+        valid = err.valid_data
+        return dict(valid) if isinstance(valid, dict) else {}
 
 
 def _lease_record(raw: Any, fallback: dict[str, Any]) -> LeaseRecord:
-    loaded = _LEASE_RECORD.load_valid(raw) if isinstance(raw, dict) else {}
+    loaded = _load_valid(_LEASE_RECORD, raw) if isinstance(raw, dict) else {}
     return LeaseRecord(
         lease_name=loaded.get("lease_name", DEFAULT_LEASE_NAME),
         holder_id=loaded.get("holder_id", fallback["holder_id"]),
@@ -414,7 +450,7 @@ def parse_acquire_result(
     """
     if not isinstance(payload, dict):
         raise ControlApiError(NON_OBJECT_MESSAGE, path=ACQUIRE_PATH)
-    loaded = _ACQUIRE_RESPONSE.load_valid(payload)
+    loaded = _load_valid(_ACQUIRE_RESPONSE, payload)
     if any(key not in loaded for key in _IDENTITY):
         raise ControlApiError(MISSING_IDENTITY_MESSAGE, path=ACQUIRE_PATH)
     holder_id = loaded["holder_id"]
@@ -438,7 +474,7 @@ def parse_acquire_result(
         # Leadership needs the server's word AND this node (this very instance, when both
         # sides know instances) named as holder (module docstring).
         is_leader=loaded.get("is_leader", True) and is_self and not conflict,
-        operation="renew" if loaded.get("operation") == "renew" else "acquire",
+        operation=wire_operation(loaded.get("operation")),
         lease=_lease_record(loaded.get("lease"), {**top, "holder_instance_id": holder_instance}),
         holder_instance_id=holder_instance,
         instance_conflict=conflict,

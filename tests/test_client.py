@@ -1,4 +1,11 @@
-"""ControlApiClient against a real scripted HTTP server on 127.0.0.1 (SPEC §4)."""
+"""ControlApiClient against real scripted HTTP servers on 127.0.0.1 (SPEC §4, §17, §18).
+
+Most tests call the client in this process, unpatched: every socket operation is still bounded
+by the connect and read timeouts, which is all a hang needs. The whole-call deadline is a
+`gevent.Timeout`, which can only interrupt a socket the hub watches, so the tests that need it
+(a server trickling bytes, greenlets sharing one client, both loops failing at once) run the
+client monkey-patched in a subprocess, as the daemon runs it (`run_patched`).
+"""
 
 from __future__ import annotations
 
@@ -14,12 +21,12 @@ from pathlib import Path
 import pytest
 
 from conductord import __version__
-from conductord.client import MAX_BODY_BYTES, ControlApiClient, ControlApiError, _is_plain_success
+from conductord.client import MAX_BODY_BYTES, OUTCOMES, ControlApiClient, ControlApiError
 from conductord.wire import (
     AcquireResult,
+    Heartbeat,
     LeaseRecord,
     ReleaseResult,
-    parse_envelope,
     success_envelope,
 )
 from tests.support.scripted_server import Reply, ScriptedServer
@@ -75,17 +82,20 @@ def acquire(api: ControlApiClient, **overrides):
     return api.acquire_leader_lease(**args)
 
 
+BEAT = Heartbeat(
+    controller_id="mini-main",
+    host="mini",
+    role="primary",
+    priority=100,
+    status="leader",
+    version="1.2.3",
+    heartbeat_at=1700000000,
+    started_at=1699999990,
+)
+
+
 def heartbeat(api: ControlApiClient):
-    return api.heartbeat(
-        controller_id="mini-main",
-        host="mini",
-        role="primary",
-        priority=100,
-        status="leader",
-        version="1.2.3",
-        heartbeat_at=1700000000,
-        started_at=1699999990,
-    )
+    return api.heartbeat(BEAT)
 
 
 def failure(call, *args, **kwargs) -> ControlApiError:
@@ -152,14 +162,14 @@ def test_heartbeat_body_is_snake_case_and_omits_unset(server, client):
         "started_at": 1699999990,
     }
     client.heartbeat(
-        controller_id="a",
-        host="h",
-        role="standby",
-        priority=50,
-        status="standby",
-        version=None,
-        heartbeat_at=5,
-        started_at=None,
+        Heartbeat(
+            controller_id="a",
+            host="h",
+            role="standby",
+            priority=50,
+            status="standby",
+            heartbeat_at=5,
+        )
     )
     assert server.requests[1].json == {
         "controller_id": "a",
@@ -325,15 +335,12 @@ def test_rule4_hang_times_out_after_the_budget(server):
 
 def test_rule4_trickling_server_is_cut_at_the_overall_deadline(server):
     # Each byte arrives well within the per-read timeout; sending the whole answer would take
-    # 10+ s, so only an overall deadline ends the call near 400 ms.
+    # 10+ s, so only the whole-call deadline (a gevent.Timeout) ends the call near 400 ms.
     server.default(
         ACQUIRE, Reply(200, success_envelope(SEED_DATA, "r"), trickle=True, trickle_interval=0.05)
     )
-    with ControlApiClient(server.url, timeout_ms=400) as api:
-        started = time.monotonic()
-        err = failure(acquire, api)
-        elapsed = time.monotonic() - started
-    assert str(err) == "Control API /v1/leader/acquire: timed out after 400 ms"
+    [[(outcome, elapsed)]] = run_patched([server.url], [["acquire"]], timeout_ms=400)["results"]
+    assert outcome == "Control API /v1/leader/acquire: timed out after 400 ms"
     assert elapsed < 4
 
 
@@ -343,12 +350,19 @@ def test_rule4_body_trickle_after_prompt_headers_is_cut_too(server):
         HEARTBEAT,
         Reply(raw=head + b" " * 1000, trickle=True, trickle_after=len(head) + 10),
     )
+    [[(outcome, elapsed)]] = run_patched([server.url], [["heartbeat"]], timeout_ms=300)["results"]
+    assert outcome == "Control API /v1/controllers/heartbeat: timed out after 300 ms"
+    assert elapsed < 4
+
+
+def test_unpatched_the_timeouts_still_bound_each_read(server):
+    # Outside gevent the timer cannot interrupt a blocking socket: each read is still bounded.
+    server.default(ACQUIRE, Reply(hang=True))
     with ControlApiClient(server.url, timeout_ms=300) as api:
         started = time.monotonic()
-        err = failure(heartbeat, api)
-        elapsed = time.monotonic() - started
-    assert str(err) == "Control API /v1/controllers/heartbeat: timed out after 300 ms"
-    assert elapsed < 4
+        err = failure(acquire, api)
+        assert time.monotonic() - started < 5
+    assert str(err) == "Control API /v1/leader/acquire: timed out after 300 ms"
 
 
 def test_rule4_connection_closed_mid_body(server, client):
@@ -582,7 +596,7 @@ def test_rejects_bad_construction_arguments():
 
 # -- under gevent ---------------------------------------------------------------------------------
 
-GEVENT_SCRIPT = textwrap.dedent(
+PATCHED_SCRIPT = textwrap.dedent(
     """
     from gevent import monkey
 
@@ -591,26 +605,53 @@ GEVENT_SCRIPT = textwrap.dedent(
     import json, sys, time
     import gevent
     from conductord.client import ControlApiClient, ControlApiError
+    from conductord.wire import Heartbeat
 
-    api = ControlApiClient(sys.argv[1], timeout_ms=400)
+    spec = json.loads(sys.argv[1])
+    api = ControlApiClient(spec["urls"], timeout_ms=spec["timeout_ms"])
 
-    def beat():
+    def call(name):
         started = time.monotonic()
         try:
-            api.heartbeat(controller_id="a", host="h", role="primary", priority=1,
-                          status="standby", version="1", heartbeat_at=1, started_at=None)
+            if name == "heartbeat":
+                api.heartbeat(Heartbeat(controller_id="a", host="h", status="standby"))
+            else:
+                api.acquire_leader_lease(
+                    controller_id="mini-main", host="mini", ttl_sec=30, preferred=True, now=100
+                )
             outcome = "ok"
         except ControlApiError as err:
             outcome = str(err)
         return [outcome, time.monotonic() - started]
 
-    slow = gevent.spawn(beat)
-    gevent.sleep(0.05)
-    quick = gevent.spawn(beat)
-    gevent.joinall([slow, quick])
-    print(json.dumps([slow.value, quick.value]))
+    results = []
+    for group in spec["groups"]:  # the calls of a group run at once, one greenlet each
+        greenlets = []
+        for name in group:
+            greenlets.append(gevent.spawn(call, name))
+            gevent.sleep(spec["stagger"])
+        gevent.joinall(greenlets)
+        results.append([g.value for g in greenlets])
+    counts = [[url, outcome, n] for (url, outcome), n in api.call_counts().items()]
+    print(json.dumps({"results": results, "base_url": api.base_url, "counts": counts}))
     """
 )
+
+
+def run_patched(
+    urls: list[str], groups: list[list[str]], *, timeout_ms: int, stagger: float = 0.0
+) -> dict:
+    """Run calls ("heartbeat" or "acquire") through a monkey-patched client in a subprocess."""
+    spec = {"urls": urls, "groups": groups, "timeout_ms": timeout_ms, "stagger": stagger}
+    run = subprocess.run(
+        [sys.executable, "-c", PATCHED_SCRIPT, json.dumps(spec)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
 
 
 def test_under_gevent_each_greenlet_keeps_its_own_deadline(server):
@@ -622,27 +663,21 @@ def test_under_gevent_each_greenlet_keeps_its_own_deadline(server):
         Reply(200, {"ok": True, "data": 1}, trickle=True, trickle_interval=0.05),
         Reply(200, {"ok": True, "data": 2}),
     )
-    run = subprocess.run(
-        [sys.executable, "-c", GEVENT_SCRIPT, server.url],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert run.returncode == 0, run.stderr
-    (slow, slow_s), (quick, quick_s) = json.loads(run.stdout)
+    [[(slow, slow_s), (quick, quick_s)]] = run_patched(
+        [server.url], [["heartbeat", "heartbeat"]], timeout_ms=400, stagger=0.05
+    )["results"]
     assert slow == "Control API /v1/controllers/heartbeat: timed out after 400 ms"
     assert slow_s < 4
     assert quick == "ok"
     assert quick_s < slow_s
 
 
-# -- the lean per-call path (SPEC §11 footprint) --------------------------------------------------
+# -- keep-alive and the prepared copies ----------------------------------------------------------
 
 
 def test_a_connection_the_server_dropped_while_idle_is_replaced():
     # A keep-alive connection the server closed between calls must be noticed before reuse
-    # (the client peeks at it), not written to and reported as a failure.
+    # (urllib3 checks a pooled connection), not written to and reported as a failure.
     closed = threading.Event()
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -708,78 +743,252 @@ def test_request_head_is_unchanged_by_the_prepared_copies(server):
     assert len(second.body) > len(third.body)
 
 
-ENVELOPES = [
-    {"ok": True, "request_id": "r", "data": {"a": 1}},
-    {"ok": True, "data": None},
-    {"ok": True, "request_id": None, "data": [1]},
-    {"ok": True, "request_id": 5, "data": 1},  # mistyped request_id: not an envelope
-    {"ok": True, "request_id": "r"},  # no data: not an envelope
-    {"ok": 1, "data": 1},
-    {"ok": False, "request_id": "r", "error": "e", "message": "m"},
-    [1, 2],
-    "text",
-]
+# -- several base URLs (SPEC §17) -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("payload", ENVELOPES)
-def test_fast_success_check_agrees_with_parse_envelope(payload):
-    envelope = parse_envelope(payload)
-    assert _is_plain_success(payload) == (envelope is not None and envelope.ok)
-    if _is_plain_success(payload):
-        assert payload["data"] == envelope.data
+@pytest.fixture
+def second():
+    with ScriptedServer() as srv:
+        yield srv
+        assert srv.errors == []
 
 
-def _acquire_payloads():
-    values = {
-        "text": ["n", " ", "", 3, None, True],
-        "int": [3, 3.0, True, "3", None, 2**70],
-        "number": [130, 130.5, float("nan"), float("inf"), False, "1", None],
-        "bool": [True, False, 1, None, "true"],
-        "raw": [None, {}, {"holder_id": "x", "term": 1}, [1]],
+def counts(api: ControlApiClient) -> dict[tuple[str, str], int]:
+    """The non-zero call counts."""
+    return {key: n for key, n in api.call_counts().items() if n}
+
+
+def test_base_urls_one_list_or_comma_separated(server, second):
+    for given in (f"{server.url}/, {second.url}", [server.url, second.url + "/"]):
+        with ControlApiClient(given) as api:
+            assert api.base_urls == (server.url, second.url)
+            assert api.base_url == server.url
+            assert set(api.call_counts()) == {
+                (url, outcome) for url in (server.url, second.url) for outcome in OUTCOMES
+            }
+    with ControlApiClient(server.url) as api:
+        assert api.base_urls == (server.url,)
+    for bad in (f"{server.url},{server.url}/", f"{server.url},", [], ["ftp://x"]):
+        with pytest.raises(ValueError):
+            ControlApiClient(bad)
+
+
+def test_a_refused_url_moves_within_the_call(second):
+    refused = f"http://127.0.0.1:{closed_port()}"
+    second.default(ACQUIRE, ok(SEED_DATA))
+    with ControlApiClient([refused, second.url], timeout_ms=2000) as api:
+        assert acquire(api).term == 3
+        assert api.base_url == second.url
+        assert acquire(api).term == 3  # stays on the URL that answered
+        assert counts(api) == {(refused, "moved"): 1, (second.url, "ok"): 2}
+    assert second.count(ACQUIRE) == 2
+
+
+def test_every_url_refused_fails_with_the_connection_error():
+    first, other = (f"http://127.0.0.1:{closed_port()}" for _ in range(2))
+    with ControlApiClient([first, other], timeout_ms=2000) as api:
+        err = failure(acquire, api)
+        assert str(err) == "Control API /v1/leader/acquire: connection failed: Connection refused"
+        assert api.base_url == first
+        assert counts(api) == {(first, "moved"): 1, (other, "error"): 1}
+
+
+def test_a_5xx_fails_the_call_and_the_next_call_moves(server, second):
+    server.default(ACQUIRE, Reply(503))
+    second.default(ACQUIRE, ok(SEED_DATA))
+    with ControlApiClient([server.url, second.url], timeout_ms=2000) as api:
+        assert str(failure(acquire, api)) == (
+            "Control API 503 /v1/leader/acquire: Service Unavailable"
+        )
+        assert second.count(ACQUIRE) == 0
+        assert api.base_url == second.url
+        assert acquire(api).term == 3
+        assert acquire(api).term == 3
+        assert counts(api) == {(server.url, "error"): 1, (second.url, "ok"): 2}
+    assert server.count(ACQUIRE) == 1
+
+
+def test_a_renewal_that_timed_out_is_not_sent_to_the_next_url(server, second):
+    # The first server may have renewed before hanging: sending the renewal again elsewhere
+    # would act twice on one request. The call fails; the next one goes to the next URL.
+    server.default(ACQUIRE, Reply(hang=True))
+    second.default(ACQUIRE, ok(SEED_DATA))
+    with ControlApiClient([server.url, second.url], timeout_ms=300) as api:
+        err = failure(acquire, api)
+        assert str(err) == "Control API /v1/leader/acquire: timed out after 300 ms"
+        time.sleep(0.2)
+        assert second.count(ACQUIRE) == 0
+        assert api.base_url == second.url
+        assert acquire(api).term == 3
+    assert (server.count(ACQUIRE), second.count(ACQUIRE)) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("reply", "detail"),
+    [
+        (Reply(reset=True), "Connection reset by peer"),
+        (Reply(raw=b""), "Remote end closed connection without response"),
+        (Reply(raw=b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\n{"), "response cut short"),
+    ],
+    ids=["reset", "closed", "cut-short"],
+)
+def test_a_connection_lost_after_sending_is_the_calls_failure(server, second, reply, detail):
+    server.script(ACQUIRE, reply)
+    second.default(ACQUIRE, ok(SEED_DATA))
+    with ControlApiClient([server.url, second.url], timeout_ms=2000) as api:
+        err = failure(acquire, api)
+        assert str(err).startswith("Control API /v1/leader/acquire: connection failed: ")
+        assert detail in str(err)
+        assert second.count(ACQUIRE) == 0
+        assert api.base_url == second.url
+        assert acquire(api).term == 3
+
+
+def test_a_killed_server_costs_an_idle_client_no_failed_call(second):
+    # The pooled connection to the dead process is noticed before reuse; the reconnect is
+    # refused, which sends nothing, so the call moves on within its budget.
+    second.default(HEARTBEAT, ok(2))
+    first = ScriptedServer().start()
+    first.default(HEARTBEAT, ok(1))
+    dead = first.url
+    try:
+        with ControlApiClient([dead, second.url], timeout_ms=2000) as api:
+            assert heartbeat(api) == 1
+            first.stop()
+            time.sleep(0.1)
+            assert heartbeat(api) == 2
+            assert counts(api) == {(dead, "ok"): 1, (dead, "moved"): 1, (second.url, "ok"): 1}
+    finally:
+        first.stop()
+
+
+def test_a_4xx_is_an_answer_and_moves_nothing(server, second):
+    server.default(
+        ACQUIRE,
+        Reply(401, {"ok": False, "request_id": "r", "error": "unauthorized", "message": "no"}),
+    )
+    with ControlApiClient([server.url, second.url], timeout_ms=2000) as api:
+        failure(acquire, api)
+        failure(acquire, api)
+        assert api.base_url == server.url
+        assert counts(api) == {(server.url, "error"): 2}
+    assert second.count(ACQUIRE) == 0
+
+
+def test_both_loops_failing_at_once_move_the_url_once(server, second):
+    # Heartbeat and lease calls hang on the first URL together and both time out: the URL
+    # moves once (to the second), not twice (back onto the first).
+    server.default(HEARTBEAT, Reply(hang=True))
+    server.default(ACQUIRE, Reply(hang=True))
+    second.default(HEARTBEAT, ok(1))
+    second.default(ACQUIRE, ok(SEED_DATA))
+    out = run_patched(
+        [server.url, second.url], [["heartbeat", "acquire"], ["heartbeat"]], timeout_ms=300
+    )
+    timed_out = [outcome for outcome, _ in out["results"][0]]
+    assert timed_out == [
+        "Control API /v1/controllers/heartbeat: timed out after 300 ms",
+        "Control API /v1/leader/acquire: timed out after 300 ms",
+    ]
+    assert out["results"][1][0][0] == "ok"
+    assert out["base_url"] == second.url
+    assert {(url, o): n for url, o, n in out["counts"] if n} == {
+        (server.url, "error"): 2,
+        (second.url, "ok"): 1,
     }
-    kinds = {
-        "holder_id": "text",
-        "holder_host": "text",
-        "term": "int",
-        "lease_expires_at": "number",
-        "renewed_at": "number",
-        "is_leader": "bool",
-        "operation": "text",
-        "lease": "raw",
-    }
-    base = dict(SEED_DATA)
-    yield base
-    for key, kind in kinds.items():
-        for value in values[kind]:
-            yield {**base, key: value}
-        without = dict(base)
-        del without[key]
-        yield without
-        camel = "".join(w if i == 0 else w.title() for i, w in enumerate(key.split("_")))
-        if camel != key:
-            yield {**without, camel: base[key]}
-            yield {**base, camel: "ignored: snake_case wins"}
-    lease = dict(SEED_LEASE)
-    for key in lease:
-        for value in ["", "x", 7, 7.5, None, True]:
-            yield {**base, "lease": {**lease, key: value}}
+    assert (server.count(HEARTBEAT), server.count(ACQUIRE), second.count(ACQUIRE)) == (1, 1, 0)
 
 
-def test_fast_acquire_parsing_agrees_with_marshmallow():
-    # The acquire answer skips marshmallow when every value is plainly of its declared type;
-    # the result must be exactly what marshmallow's own load gives, whatever the payload.
-    from conductord import wire
+# -- hostile servers (issue 15) -------------------------------------------------------------------
 
-    checked = 0
-    for payload in _acquire_payloads():
-        for schema, data in (
-            (wire._ACQUIRE_RESPONSE, payload),
-            (wire._LEASE_RECORD, payload.get("lease")),
-        ):
-            if isinstance(data, dict):
-                fast = schema.load_valid(data)
-                slow = wire._load_valid(schema, data)
-                assert fast == slow, data
-                assert [type(v) for v in fast.values()] == [type(slow[k]) for k in fast], data
-                checked += 1
-    assert checked > 100
+TOKEN = "s3cr3t-T0KEN-0123456789-abcdefXYZ"
+
+
+def token_pieces(text: str, size: int = 8) -> list[str]:
+    windows = (TOKEN[i : i + size] for i in range(len(TOKEN) - size + 1))
+    return [window for window in windows if window in text]
+
+
+@pytest.mark.parametrize("before", [170, 178, 185, 190, 192])
+def test_a_token_echoed_across_the_200_character_cut_leaks_no_piece(server, before):
+    page = "E" * (before - len("Bearer ")) + "Bearer " + TOKEN + " and more text"
+    server.default(ACQUIRE, Reply(500, page))
+    with ControlApiClient(server.url, token=TOKEN) as api:
+        text = str(failure(acquire, api))
+    assert text.startswith("Control API 500 /v1/leader/acquire: EEEE")
+    assert not token_pieces(text), text
+
+
+@pytest.mark.parametrize("status", [200, 409])
+@pytest.mark.parametrize("before", [980, 990, 995])
+def test_a_token_echoed_across_the_1000_character_cut_leaks_no_piece(server, status, before):
+    message = "m" * before + TOKEN + "m" * 50
+    envelope = {"ok": False, "request_id": "r", "error": "e" * before + TOKEN, "message": message}
+    server.default(ACQUIRE, Reply(status, envelope))
+    with ControlApiClient(server.url, token=TOKEN) as api:
+        err = failure(acquire, api)
+    assert not token_pieces(str(err)), str(err)
+    assert not token_pieces(err.code or "")
+
+
+def test_a_partial_token_anywhere_is_masked(server):
+    server.script(
+        ACQUIRE,
+        Reply(502, f"upstream saw Bearer {TOKEN[:12]}... and {TOKEN[-9:]}"),
+        Reply(raw=b"HTTP/1.1 " + b"a" * 85 + TOKEN.encode() + b"\r\n\r\n"),
+    )
+    with ControlApiClient(server.url, token=TOKEN) as api:
+        first = str(failure(acquire, api))
+        second = str(failure(acquire, api))
+    assert first == "Control API 502 /v1/leader/acquire: upstream saw Bearer ***... and ***"
+    assert second.startswith("Control API /v1/leader/acquire: connection failed: invalid HTTP")
+    assert not token_pieces(second), second
+
+
+def test_a_lone_surrogate_holder_id_is_missing_identity(server, client):
+    server.script(
+        ACQUIRE,
+        ok({**SEED_DATA, "holder_id": "\ud800"}),
+        ok({**SEED_DATA, "holder_id": "mini-main\udc00", "is_leader": True}),
+    )
+    for _ in range(2):
+        assert str(failure(acquire, client)) == (
+            "Control API /v1/leader/acquire response is missing lease identity fields."
+        )
+
+
+def test_server_text_that_is_not_valid_unicode_is_made_safe(server, client):
+    server.script(
+        ACQUIRE,
+        Reply(409, {"ok": False, "request_id": "r", "error": "c\ud800", "message": "\udfff boom"}),
+        Reply(200, {"ok": False, "request_id": "r", "error": "e", "message": "x\ud83d"}),
+    )
+    first = failure(acquire, client)
+    assert str(first) == "Control API 409 /v1/leader/acquire: c\ufffd: \ufffd boom"
+    assert first.code == "c\ufffd"
+    second = failure(acquire, client)
+    assert str(second) == "Control API /v1/leader/acquire: e: x\ufffd"
+    str(first).encode("utf-8")
+
+
+def test_a_request_a_server_must_refuse_is_not_sent(server, client):
+    server.default(HEARTBEAT, ok(1))
+    server.default(ACQUIRE, ok(SEED_DATA))
+    err = failure(client.heartbeat, Heartbeat(controller_id="a", host="h", priority=2**31))
+    assert str(err) == (
+        "Control API /v1/controllers/heartbeat: request not sent: "
+        "priority: Must be greater than or equal to 0 and less than or equal to 2147483647."
+    )
+    err = failure(acquire, client, host="bad\ud800", ttl_sec=10**12)
+    assert str(err) == (
+        "Control API /v1/leader/acquire: request not sent: host: Not valid Unicode.; "
+        "ttl_sec: Must be an integer from 1 to 86400."
+    )
+    assert server.requests == []
+    assert counts(client) == {}
+
+
+def test_a_wait_above_the_wire_limit_is_cut_to_it(server, client):
+    server.default(ACQUIRE, ok(SEED_DATA))
+    acquire(client, wait_ms=90_000)
+    assert server.requests[0].json["wait_ms"] == 60_000

@@ -15,6 +15,7 @@ from conductord.control_api.store import (
     StoreError,
     open_store,
 )
+from conductord.wire import Heartbeat
 from tests.support.race import run_together
 
 
@@ -276,13 +277,15 @@ def test_another_instance_of_the_holder_is_refused_its_renewal_and_release(store
 
 def test_heartbeats_record_every_instance_of_a_controller_id(store, clock):
     def beat(instance, host):
-        return store.heartbeat(controller_id="a", host=host, instance_id=instance)
+        return store.heartbeat(Heartbeat(controller_id="a", host=host, instance_id=instance))
 
     assert beat("i-1", "mini-1").instance_id == "i-1"
     clock.now += 1
     assert beat("i-2", "mini-2").instance_id == "i-2"
     clock.now += 1
-    store.heartbeat(controller_id="b", host="b-host")  # an older node: no instance at all
+    store.heartbeat(
+        Heartbeat(controller_id="b", host="b-host")
+    )  # an older node: no instance at all
     rows = {row.controller_id: row for row in store.controllers()}
     a = rows["a"]
     assert [entry[:2] for entry in a.instances] == [("i-2", "mini-2"), ("i-1", "mini-1")]
@@ -302,22 +305,24 @@ def test_a_lower_term_is_never_written(store, clock):
 
 def test_heartbeat_upserts_the_controller(store, clock):
     row = store.heartbeat(
-        controller_id="a",
-        host="mini",
-        role="primary",
-        priority=100,
-        status="standby",
-        version="0.1.0",
-        heartbeat_at=1,
-        started_at=1,
+        Heartbeat(
+            controller_id="a",
+            host="mini",
+            role="primary",
+            priority=100,
+            status="standby",
+            version="0.1.0",
+            heartbeat_at=1,
+            started_at=1,
+        )
     )
     assert (row.first_seen_at, row.last_seen_at) == (clock.now, clock.now)
     clock.now += 7.5
-    row = store.heartbeat(controller_id="a", host="mini", status="leader")
+    row = store.heartbeat(Heartbeat(controller_id="a", host="mini", status="leader"))
     assert row.status == "leader"
     assert row.first_seen_at == clock.now - 7.5
     assert row.last_seen_at == clock.now
-    store.heartbeat(controller_id="0-first", host="other")
+    store.heartbeat(Heartbeat(controller_id="0-first", host="other"))
     assert [c.controller_id for c in store.controllers()] == ["0-first", "a"]
     clock.now += 2.0
     assert store.controllers()[1].seconds_since_heartbeat(clock.now) == pytest.approx(2.0)
@@ -425,9 +430,11 @@ def test_heartbeat_upserts_in_either_form_and_leaves_no_transaction_open(db_path
     s = SqliteStore(db_path, clock=clock, lease_clock=clock)
     s._upsert_returning = returning  # the fallback is what SQLite < 3.35 gets
     try:
-        first = s.heartbeat(controller_id="n1", host="h1", role="standby", priority=5)
+        first = s.heartbeat(Heartbeat(controller_id="n1", host="h1", role="standby", priority=5))
         clock.now += 2.5
-        second = s.heartbeat(controller_id="n1", host="h2", status="leader", heartbeat_at=7)
+        second = s.heartbeat(
+            Heartbeat(controller_id="n1", host="h2", status="leader", heartbeat_at=7)
+        )
         assert (first.first_seen_at, first.last_seen_at) == (1_000.0, 1_000.0)
         assert second.first_seen_at == 1_000.0 and second.last_seen_at == 1_002.5
         assert (second.host, second.role, second.priority, second.status) == (

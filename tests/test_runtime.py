@@ -47,7 +47,7 @@ class FakeClient:
         self.releases: list[tuple[str, int]] = []
         self.closed = False
 
-    def heartbeat(self, **body: Any) -> None:
+    def heartbeat(self, heartbeat: Any) -> None:
         self.heartbeats += 1
         if self.heartbeat_error is not None and self.heartbeats > 1:
             raise self.heartbeat_error

@@ -179,9 +179,10 @@ def test_one_node_id_in_two_processes_never_has_two_leaders(control_api, stack, 
     started = second.wait_event("conductor.started")
     assert started["snapshot"]["daemon"]["lease_state"] == "standby"
     conflict = second.wait_event("lease.identity_conflict")
-    assert conflict["holder_instance_id"] == first.named("conductor.started")[0]["snapshot"][
-        "runtime"
-    ]["instance_id"]
+    assert (
+        conflict["holder_instance_id"]
+        == first.named("conductor.started")[0]["snapshot"]["runtime"]["instance_id"]
+    )
     poller = fleet.poller()
     poller.wait_samples("second", int(3 * TTL / 0.01))
     controllers = requests.get(
@@ -207,8 +208,13 @@ def test_a_second_process_on_the_same_state_dir_exits_2_at_once(control_api, sta
     fleet.start("first", "mini-main", "primary", *state).transition_to("leader")
     began = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "conductord", "start", *node_args(control_api, "mini-main",
-                                                                  "primary", None, *state)],
+        [
+            sys.executable,
+            "-m",
+            "conductord",
+            "start",
+            *node_args(control_api, "mini-main", "primary", None, *state),
+        ],
         env=clean_env(),
         capture_output=True,
         text=True,
@@ -351,11 +357,29 @@ class _RulesClient:
         )
         self.row = decision.row
         row = decision.row
-        record = LeaseRecord("global", row.holder_id, host, row.term, row.lease_expires_at,
-                             row.renewed_at, None, None, row.holder_instance_id)
-        return AcquireResult(row.holder_id, host, row.term, row.lease_expires_at, row.renewed_at,
-                             decision.is_leader, decision.operation, record,
-                             row.holder_instance_id, decision.conflict)
+        record = LeaseRecord(
+            "global",
+            row.holder_id,
+            host,
+            row.term,
+            row.lease_expires_at,
+            row.renewed_at,
+            None,
+            None,
+            row.holder_instance_id,
+        )
+        return AcquireResult(
+            row.holder_id,
+            host,
+            row.term,
+            row.lease_expires_at,
+            row.renewed_at,
+            decision.is_leader,
+            decision.operation,
+            record,
+            row.holder_instance_id,
+            decision.conflict,
+        )
 
     def release_leader_lease(self, **kwargs: Any) -> ReleaseResult:
         return ReleaseResult(False, True, None)
@@ -404,8 +428,15 @@ def test_a_leader_that_sleeps_past_its_lease_wakes_as_no_leader():
     # on, gevent's timers do not; meanwhile another node takes the expired lease.
     lease_clock.now += 60
     server.now += 60
-    other = decide_acquire(client.row, controller_id="mini-standby", host="h", ttl_sec=2,
-                           preferred=False, metadata_json=None, now=server())
+    other = decide_acquire(
+        client.row,
+        controller_id="mini-standby",
+        host="h",
+        ttl_sec=2,
+        preferred=False,
+        metadata_json=None,
+        now=server(),
+    )
     assert other.is_leader
     # At wake, before any timer or loop has run: no scheduling, and the state says so.
     assert sleeper.run_scheduler_pass(lambda ctx: None) == "skipped_not_leader"

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import pytest
 
 from conductord.control_api.store import SqliteStore, StoreError
+from conductord.wire import Heartbeat
 from tests.support.postgres import admin, fresh_schema, require_dsn
 from tests.support.race import run_together
 
@@ -223,7 +224,7 @@ def test_a_live_lease_survives_reopening_and_its_holder_resumes(opened):
 
 
 def test_heartbeat_upserts_one_row_per_controller(store, backend):
-    first = store.heartbeat(controller_id="a", host="h1", role="primary", priority=100)
+    first = store.heartbeat(Heartbeat(controller_id="a", host="h1", role="primary", priority=100))
     assert (first.controller_id, first.host, first.role, first.priority) == (
         "a",
         "h1",
@@ -233,14 +234,16 @@ def test_heartbeat_upserts_one_row_per_controller(store, backend):
     assert first.first_seen_at == pytest.approx(first.last_seen_at, abs=0.01)
     backend.advance(3)
     second = store.heartbeat(
-        controller_id="a",
-        host="h2",
-        role="standby",
-        priority=50,
-        status="standby",
-        version="1.2.3",
-        heartbeat_at=1_700_000_000,
-        started_at=1_699_999_000,
+        Heartbeat(
+            controller_id="a",
+            host="h2",
+            role="standby",
+            priority=50,
+            status="standby",
+            version="1.2.3",
+            heartbeat_at=1_700_000_000,
+            started_at=1_699_999_000,
+        )
     )
     assert (second.host, second.role, second.priority, second.status) == (
         "h2",
@@ -261,9 +264,9 @@ def test_heartbeat_upserts_one_row_per_controller(store, backend):
 
 def test_controllers_are_listed_by_id_with_time_since_heartbeat(store, backend):
     for controller_id in ("c", "a", "b"):
-        store.heartbeat(controller_id=controller_id, host=f"{controller_id}-host")
+        store.heartbeat(Heartbeat(controller_id=controller_id, host=f"{controller_id}-host"))
     backend.advance(2)
-    store.heartbeat(controller_id="b", host="b-host")
+    store.heartbeat(Heartbeat(controller_id="b", host="b-host"))
     rows = store.controllers()
     assert [r.controller_id for r in rows] == ["a", "b", "c"]
     now = store.now()
@@ -362,10 +365,10 @@ def test_one_id_from_two_instances_never_has_two_leaders(store, backend):
 
 
 def test_heartbeats_list_every_instance_of_an_id(store, backend):
-    store.heartbeat(controller_id="a", host="mini-1", instance_id="i-1")
+    store.heartbeat(Heartbeat(controller_id="a", host="mini-1", instance_id="i-1"))
     backend.advance(1)
-    store.heartbeat(controller_id="a", host="mini-2", instance_id="i-2")
-    store.heartbeat(controller_id="b", host="b-host")
+    store.heartbeat(Heartbeat(controller_id="a", host="mini-2", instance_id="i-2"))
+    store.heartbeat(Heartbeat(controller_id="b", host="b-host"))
     rows = {row.controller_id: row for row in store.controllers()}
     assert rows["a"].instance_id == "i-2"
     assert [entry[:2] for entry in rows["a"].instances] == [("i-2", "mini-2"), ("i-1", "mini-1")]
@@ -393,8 +396,11 @@ def test_postgres_never_grants_early_when_the_database_clock_steps(pg_dsn):
         assert acquire(a, "leader", ttl=10).operation == "acquire"
         assert acquire(b, "standby").operation == "deny"  # b first sees the lease now
         # The database clock jumps 60 s forward: by its own stamps the lease expired long ago.
-        admin(pg_dsn, "UPDATE leases SET lease_expires_at = lease_expires_at - 60,"
-              " renewed_at = renewed_at - 60")
+        admin(
+            pg_dsn,
+            "UPDATE leases SET lease_expires_at = lease_expires_at - 60,"
+            " renewed_at = renewed_at - 60",
+        )
         clock_b.now += 9.9
         assert acquire(b, "standby").operation == "deny"
         clock_b.now += 0.2  # a full TTL on b's own clock since it first saw that revision

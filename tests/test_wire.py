@@ -12,17 +12,20 @@ from conductord.wire import (
     AcquireRequestSchema,
     AcquireResult,
     ControlApiError,
+    Heartbeat,
     HeartbeatRequestSchema,
     LeaseRecord,
     ReleaseRequestSchema,
     ReleaseResult,
     acquire_result_to_wire,
+    dump_request,
     error_envelope,
     parse_acquire_result,
     parse_envelope,
     parse_release_result,
     release_result_to_wire,
     success_envelope,
+    wire_operation,
 )
 
 NON_OBJECT = "Control API /v1/leader/acquire returned a non-object payload."
@@ -113,7 +116,7 @@ def test_heartbeat_load_accepts_a_full_body_and_ignores_unknown_keys():
     }
     loaded = HeartbeatRequestSchema().load(body)
     del body["from_the_future"]
-    assert loaded == body
+    assert loaded == Heartbeat(**body)
 
 
 def test_heartbeat_load_requires_identity():
@@ -175,8 +178,10 @@ def test_acquire_load_requires_identity_and_ttl():
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("ttl_sec", 0, "Must be a positive integer."),
-        ("ttl_sec", -5, "Must be a positive integer."),
+        ("ttl_sec", 0, "Must be an integer from 1 to 86400."),
+        ("ttl_sec", -5, "Must be an integer from 1 to 86400."),
+        ("ttl_sec", 86_401, "Must be an integer from 1 to 86400."),
+        ("ttl_sec", 10**12, "Must be an integer from 1 to 86400."),
         ("ttl_sec", "30", "Not a valid integer."),
         ("ttl_sec", 30.0, "Not a valid integer."),
         ("ttl_sec", True, "Not a valid integer."),
@@ -202,7 +207,7 @@ def test_release_load():
     assert schema.load({"controller_id": "a", "term": 0}) == {"controller_id": "a", "term": 0}
     assert load_errors(schema, {"term": -1}) == {
         "controller_id": ["Missing data for required field."],
-        "term": ["Must be greater than or equal to 0."],
+        "term": [f"Must be greater than or equal to 0 and less than or equal to {2**63 - 1}."],
     }
     assert load_errors(schema, {"controller_id": "a", "term": "3"}) == {
         "term": ["Not a valid integer."]
@@ -450,14 +455,18 @@ def test_acquire_another_instance_of_this_id_is_a_conflict_never_a_leader():
     assert "instance_conflict" not in acquire_result_to_wire(conflict)
 
 
+def _get(loaded, name):
+    return getattr(loaded, name) if isinstance(loaded, Heartbeat) else loaded.get(name)
+
+
 def test_instance_id_is_an_optional_request_field():
     for schema, body in (
         (HeartbeatRequestSchema(), {"controller_id": "a", "host": "h"}),
         (AcquireRequestSchema(), {"controller_id": "a", "host": "h", "ttl_sec": 5}),
         (ReleaseRequestSchema(), {"controller_id": "a", "term": 1}),
     ):
-        assert "instance_id" not in schema.load(body)
-        assert schema.load({**body, "instance_id": "i-1"})["instance_id"] == "i-1"
+        assert _get(schema.load(body), "instance_id") is None
+        assert _get(schema.load({**body, "instance_id": "i-1"}), "instance_id") == "i-1"
         assert "instance_id" in load_errors(schema, {**body, "instance_id": " "})
 
 
@@ -542,3 +551,179 @@ def test_control_api_error_fields_and_pickling():
     )
     bare = ControlApiError("m", path="/p")
     assert (bare.status, bare.code) == (None, None)
+
+
+# -- one Heartbeat value end to end (issue 20) ---------------------------------------------------
+
+
+def test_heartbeat_dumps_from_and_loads_into_one_value():
+    beat = Heartbeat(
+        controller_id="mini-main",
+        host="mini",
+        role="primary",
+        priority=100,
+        status="leader",
+        version="0.1.0",
+        heartbeat_at=1700000000,
+        started_at=1699999990,
+        instance_id="i-1",
+    )
+    schema = HeartbeatRequestSchema()
+    body = dump_request(schema, beat)
+    assert list(body) == [
+        "controller_id",
+        "host",
+        "role",
+        "priority",
+        "status",
+        "version",
+        "heartbeat_at",
+        "started_at",
+        "instance_id",
+    ]
+    assert schema.load(body) == beat
+    minimal = Heartbeat(controller_id="a", host="h")
+    assert dump_request(schema, minimal) == {"controller_id": "a", "host": "h"}
+    assert schema.load({"controller_id": "a", "host": "h"}) == minimal
+
+
+def test_wire_operation_is_renew_only_for_a_renewal():
+    assert wire_operation("renew") == "renew"
+    for other in ("acquire", "deny", "RENEW", None, 7):
+        assert wire_operation(other) == "acquire"
+
+
+# -- bounds on what a client sends (issue 15) ----------------------------------------------------
+
+LIMITS = [
+    # (schema, base body, field, largest valid value, first invalid value above it)
+    (AcquireRequestSchema, {"ttl_sec": 30}, "ttl_sec", 86_400, 86_401),
+    (AcquireRequestSchema, {}, "wait_ms", 60_000, 60_001),
+    (AcquireRequestSchema, {}, "now", 2**33, 2**33 + 1),
+    (AcquireRequestSchema, {}, "controller_id", "c" * 255, "c" * 256),
+    (AcquireRequestSchema, {}, "host", "h" * 255, "h" * 256),
+    (AcquireRequestSchema, {}, "instance_id", "i" * 128, "i" * 129),
+    (AcquireRequestSchema, {}, "metadata_json", "m" * 16384, "m" * 16385),
+    (AcquireRequestSchema, {}, "metadata_json", "é" * 8192, "é" * 8192 + "m"),  # bytes count
+    (HeartbeatRequestSchema, {}, "priority", 2**31 - 1, 2**31),
+    (HeartbeatRequestSchema, {}, "heartbeat_at", 2**33, 2**33 + 1),
+    (HeartbeatRequestSchema, {}, "started_at", 2**33, 2**33 + 1),
+    (HeartbeatRequestSchema, {}, "controller_id", "c" * 255, "c" * 256),
+    (HeartbeatRequestSchema, {}, "host", "h" * 255, "h" * 256),
+    (HeartbeatRequestSchema, {}, "role", "r" * 32, "r" * 33),
+    (HeartbeatRequestSchema, {}, "status", "s" * 32, "s" * 33),
+    (HeartbeatRequestSchema, {}, "version", "v" * 128, "v" * 129),
+    (HeartbeatRequestSchema, {}, "instance_id", "i" * 128, "i" * 129),
+    (ReleaseRequestSchema, {"term": 1}, "term", 2**63 - 1, 2**63),
+    (ReleaseRequestSchema, {"term": 1}, "controller_id", "c" * 255, "c" * 256),
+]
+BASE = {
+    AcquireRequestSchema: {"controller_id": "a", "host": "h", "ttl_sec": 30},
+    HeartbeatRequestSchema: {"controller_id": "a", "host": "h"},
+    ReleaseRequestSchema: {"controller_id": "a", "term": 1},
+}
+
+
+@pytest.mark.parametrize(("schema", "extra", "field", "largest", "beyond"), LIMITS)
+def test_every_request_field_is_bounded(schema, extra, field, largest, beyond):
+    body = {**BASE[schema], **extra}
+    schema().load({**body, field: largest})
+    assert list(load_errors(schema(), {**body, field: beyond})) == [field]
+    with pytest.raises(ValidationError):
+        dump_request(schema(), {**body, field: beyond})
+
+
+@pytest.mark.parametrize(
+    ("schema", "field", "lowest"),
+    [
+        (AcquireRequestSchema, "ttl_sec", 1),
+        (AcquireRequestSchema, "wait_ms", 0),
+        (AcquireRequestSchema, "now", 0),
+        (HeartbeatRequestSchema, "priority", 0),
+        (HeartbeatRequestSchema, "heartbeat_at", 0),
+        (HeartbeatRequestSchema, "started_at", 0),
+        (ReleaseRequestSchema, "term", 0),
+    ],
+)
+def test_numbers_have_a_floor(schema, field, lowest):
+    schema().load({**BASE[schema], field: lowest})
+    assert list(load_errors(schema(), {**BASE[schema], field: lowest - 1})) == [field]
+
+
+STRING_FIELDS = [
+    (AcquireRequestSchema, "controller_id"),
+    (AcquireRequestSchema, "host"),
+    (AcquireRequestSchema, "metadata_json"),
+    (AcquireRequestSchema, "instance_id"),
+    (HeartbeatRequestSchema, "controller_id"),
+    (HeartbeatRequestSchema, "host"),
+    (HeartbeatRequestSchema, "role"),
+    (HeartbeatRequestSchema, "status"),
+    (HeartbeatRequestSchema, "version"),
+    (HeartbeatRequestSchema, "instance_id"),
+    (ReleaseRequestSchema, "controller_id"),
+    (ReleaseRequestSchema, "instance_id"),
+]
+
+
+@pytest.mark.parametrize(("schema", "field"), STRING_FIELDS)
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("a\ud800b", "Not valid Unicode."), ("\udfff", "Not valid Unicode."), ("a\0b", None)],
+    ids=["lone-high", "lone-low", "nul"],
+)
+def test_no_string_may_carry_a_lone_surrogate_or_nul(schema, field, value, message):
+    errors = load_errors(schema(), {**BASE[schema], field: value})
+    assert list(errors) == [field]
+    assert (message or "Must not contain NUL.") in errors[field]
+    with pytest.raises(ValidationError):
+        dump_request(schema(), {**BASE[schema], field: value})
+
+
+def test_valid_non_ascii_text_is_fine():
+    body = {**BASE[HeartbeatRequestSchema], "host": "mac-mini-künstler-😀"}
+    assert HeartbeatRequestSchema().load(body).host == "mac-mini-künstler-😀"
+
+
+# -- server strings that are not valid Unicode (issue 15) -----------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["\ud800", "mini-main\udc00", "a\0b", "x" * 256])
+def test_a_holder_id_that_is_not_valid_text_is_missing_identity(bad):
+    with pytest.raises(ControlApiError) as info:
+        parse({"holder_id": bad, "term": 3, "lease_expires_at": 130, "is_leader": False})
+    assert str(info.value) == MISSING
+
+
+def test_other_invalid_server_strings_count_as_absent():
+    result = parse(
+        {
+            "holder_id": "other-main",
+            "holder_host": "\ud800",
+            "term": 3,
+            "lease_expires_at": 130,
+            "operation": "renew\ud800",
+            "holder_instance_id": "\udfff",
+            "lease": {
+                "lease_name": "\ud800",
+                "holder_id": "\ud800",
+                "holder_host": "h\0",
+                "preferred_holder_id": "\ud800",
+                "metadata_json": "\ud800",
+                "term": 3,
+                "lease_expires_at": 130,
+                "renewed_at": 100,
+            },
+        }
+    )
+    assert result.holder_host == "unknown"
+    assert result.operation == "acquire"
+    assert result.holder_instance_id is None
+    assert result.lease == LeaseRecord("global", "other-main", "unknown", 3, 130, 100, None, None)
+    released = parse_release_result(
+        {
+            "released": True,
+            "lease": {"holder_id": "\ud800", "term": 1, "lease_expires_at": 5, "renewed_at": 4},
+        }
+    )
+    assert released == ReleaseResult(True, True, None)

@@ -13,10 +13,7 @@ Routes:
   GET  /v1/controllers             the controllers with seconds since their last heartbeat
   GET  /healthz                    liveness of the app and its store; needs no token
 
-Bodies are validated by the `wire` schemas; a valid body is loaded by `FastLoader`, built from
-the same schema fields, and only a body it does not plainly accept goes through marshmallow
-(which then words the 400), so the hot requests skip most of marshmallow's cost while every
-accept/reject decision and message stays the schema's.
+Every body is loaded by its `wire` schema (marshmallow), which also words the 400 details.
 
 Auth is a bearer token compared in constant time (`hmac.compare_digest`); without a configured
 token every request is accepted (the server refuses that off loopback). Bodies are capped at
@@ -45,7 +42,6 @@ import contextlib
 import dataclasses
 import hmac
 import json
-import math
 import os
 import re
 import socket
@@ -54,7 +50,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from marshmallow import EXCLUDE, ValidationError, fields, missing
+from marshmallow import ValidationError
 
 from conductord import wire
 from conductord.control_api.rules import AcquireDecision, LeaseRow, ReleaseDecision
@@ -153,7 +149,7 @@ def acquire_result(decision: AcquireDecision) -> wire.AcquireResult:
         renewed_at=_wire_time(row.renewed_at),
         is_leader=decision.is_leader,
         # The wire knows "acquire" and "renew"; a denial is an acquire that did not win.
-        operation="renew" if decision.operation == "renew" else "acquire",
+        operation=wire.wire_operation(decision.operation),
         lease=lease_record(row),
         holder_instance_id=row.holder_instance_id,
     )
@@ -230,10 +226,6 @@ class ControlApiApp:
         self._heartbeat_schema = wire.HeartbeatRequestSchema()
         self._acquire_schema = wire.AcquireRequestSchema()
         self._release_schema = wire.ReleaseRequestSchema()
-        self._fast_loaders = {
-            id(schema): FastLoader.build(schema)
-            for schema in (self._heartbeat_schema, self._acquire_schema, self._release_schema)
-        }
 
     def close(self) -> None:
         """Answer every parked acquire now and park no more; call before stopping the server."""
@@ -331,14 +323,8 @@ class ControlApiApp:
 
     # -- request bodies --------------------------------------------------------------------
 
-    def _load(self, request: Request, schema: Any) -> dict[str, Any]:
+    def _load(self, request: Request, schema: Any) -> Any:
         document = _read_json(request.environ)
-        fast = self._fast_loaders.get(id(schema))
-        if fast is not None:
-            loaded = fast(document)
-            if loaded is not None:
-                return loaded
-        # Invalid (or unusual) bodies go through marshmallow, which words the 400 details.
         try:
             return schema.load(document)
         except ValidationError as err:
@@ -357,18 +343,8 @@ class ControlApiApp:
         return {"status": "ok"}
 
     def _heartbeat(self, request: Request) -> dict[str, Any]:
-        body = self._load(request, self._heartbeat_schema)
-        row = self._store.heartbeat(
-            controller_id=body["controller_id"],
-            host=body["host"],
-            role=body.get("role"),
-            priority=body.get("priority"),
-            status=body.get("status"),
-            version=body.get("version"),
-            heartbeat_at=body.get("heartbeat_at"),
-            started_at=body.get("started_at"),
-            instance_id=body.get("instance_id"),
-        )
+        heartbeat: wire.Heartbeat = self._load(request, self._heartbeat_schema)
+        row = self._store.heartbeat(heartbeat)
         return controller_record(row, self._store.now(), DUPLICATE_WINDOW_S)
 
     def _acquire(self, request: Request) -> dict[str, Any]:
@@ -561,88 +537,6 @@ def _request_id(environ: Mapping[str, Any]) -> str:
     if given and _REQUEST_ID.fullmatch(given):
         return given
     return os.urandom(16).hex()  # 128 random bits, as a uuid4 had, without the UUID object
-
-
-class FastLoader:
-    """`schema.load(document)` for valid bodies, without marshmallow's machinery (~5x faster).
-
-    Built from the schema's own declared fields, so it follows the schema rather than
-    restating it: `fields.String` and `wire`'s `StrictInteger`, `StrictNumber` and
-    `StrictBoolean`, with their `required` / `allow_none` flags and their validators (called
-    as marshmallow calls them), in a schema with `unknown = EXCLUDE` and no load hooks.
-    Calling it returns the loaded dict only when marshmallow would accept the body and load
-    the same dict; for anything else it returns None and the caller runs `schema.load`, so
-    every 400 and its per-field messages still come from marshmallow alone. `build` returns
-    None (no fast path) for a schema holding anything it does not know.
-    """
-
-    def __init__(self, checks: list[tuple[str, bool, bool, Callable[[Any], bool], list]]):
-        self._checks = checks  # (name, required, allow_none, type check, validators)
-
-    @classmethod
-    def build(cls, schema: Any) -> FastLoader | None:
-        hooks = getattr(schema, "_hooks", None)
-        if (
-            hooks is None
-            or any(tag not in ("pre_dump", "post_dump") for tag, names in hooks.items() if names)
-            or schema.unknown != EXCLUDE
-            or schema.many
-            or schema.partial
-        ):
-            return None
-        checks = []
-        for name, field in schema.load_fields.items():
-            type_check = _FAST_TYPE_CHECKS.get(type(field))
-            if (
-                type_check is None
-                or field.data_key not in (None, name)
-                or field.attribute not in (None, name)
-                or field.load_default is not missing
-                or getattr(field, "pre_load", None)
-                or getattr(field, "post_load", None)
-            ):
-                return None
-            checks.append((name, field.required, field.allow_none, type_check, field.validators))
-        return cls(checks)
-
-    def __call__(self, document: Mapping[str, Any]) -> dict[str, Any] | None:
-        loaded: dict[str, Any] = {}
-        for name, required, allow_none, type_check, validators in self._checks:
-            if name not in document:
-                if required:
-                    return None
-                continue
-            value = document[name]
-            if value is None:
-                if not allow_none:
-                    return None
-                loaded[name] = None
-                continue
-            if not type_check(value):
-                return None
-            try:
-                for validator in validators:
-                    if validator(value) is False:
-                        return None
-            except ValidationError:
-                return None
-            loaded[name] = value
-        return loaded
-
-
-def _is_finite_number(value: Any) -> bool:
-    kind = type(value)
-    return kind is int or (kind is float and math.isfinite(value))
-
-
-# What each field class accepts as it is (it loads such a value unchanged); exact classes
-# only, so a subclass with other rules gets no fast path.
-_FAST_TYPE_CHECKS: dict[type, Callable[[Any], bool]] = {
-    fields.String: lambda value: type(value) is str,
-    wire.StrictInteger: lambda value: type(value) is int,
-    wire.StrictNumber: _is_finite_number,
-    wire.StrictBoolean: lambda value: value is True or value is False,
-}
 
 
 def _client_connected(environ: Mapping[str, Any]) -> bool:

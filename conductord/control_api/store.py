@@ -69,6 +69,7 @@ from conductord.control_api.rules import (
     decide_acquire,
     decide_release,
 )
+from conductord.wire import Heartbeat
 
 SCHEMA_VERSION = 2
 # Instance rows of controllers not heard of for this long are dropped.
@@ -132,19 +133,7 @@ class Store(Protocol):
         self, *, controller_id: str, term: int, instance_id: str | None = None
     ) -> ReleaseDecision: ...
 
-    def heartbeat(
-        self,
-        *,
-        controller_id: str,
-        host: str,
-        role: str | None = None,
-        priority: int | None = None,
-        status: str | None = None,
-        version: str | None = None,
-        heartbeat_at: int | None = None,
-        started_at: int | None = None,
-        instance_id: str | None = None,
-    ) -> ControllerRow: ...
+    def heartbeat(self, heartbeat: Heartbeat) -> ControllerRow: ...
 
     def leader(self) -> LeaseRow | None: ...
 
@@ -499,20 +488,13 @@ class SqliteStore:
                 self._write_lease(conn, decision.row, client_now=None)
             return decision
 
-    def heartbeat(
-        self,
-        *,
-        controller_id: str,
-        host: str,
-        role: str | None = None,
-        priority: int | None = None,
-        status: str | None = None,
-        version: str | None = None,
-        heartbeat_at: int | None = None,
-        started_at: int | None = None,
-        instance_id: str | None = None,
-    ) -> ControllerRow:
-        reported = (controller_id, host, role, priority, status, version, heartbeat_at, started_at)
+    def heartbeat(self, heartbeat: Heartbeat) -> ControllerRow:
+        hb = heartbeat
+        controller_id, host, instance_id = hb.controller_id, hb.host, hb.instance_id
+        reported = (
+            controller_id, host, hb.role, hb.priority, hb.status, hb.version, hb.heartbeat_at,
+            hb.started_at,
+        )
         if self._upsert_returning and instance_id is None:
             # One statement in autocommit is its own transaction: no BEGIN/SELECT/COMMIT.
             with self._autocommit() as conn:

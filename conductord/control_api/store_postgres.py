@@ -86,6 +86,7 @@ from conductord.control_api.store import (
     with_instances,
 )
 from conductord.logs import get_logger
+from conductord.wire import Heartbeat
 
 SCHEMA_VERSION = 2
 NOTIFY_CHANNEL = "conductord_lease"
@@ -433,36 +434,11 @@ class PostgresStore:
                 self._write_lease(conn, decision.row, decided_at, "change", client_now=None)
             return decision
 
-    def heartbeat(
-        self,
-        *,
-        controller_id: str,
-        host: str,
-        role: str | None = None,
-        priority: int | None = None,
-        status: str | None = None,
-        version: str | None = None,
-        heartbeat_at: int | None = None,
-        started_at: int | None = None,
-        instance_id: str | None = None,
-    ) -> ControllerRow:
+    def heartbeat(self, heartbeat: Heartbeat) -> ControllerRow:
         with self._connection() as conn:
-            values = conn.execute(
-                _HEARTBEAT,
-                {
-                    "controller_id": controller_id,
-                    "host": host,
-                    "role": role,
-                    "priority": priority,
-                    "status": status,
-                    "version": version,
-                    "heartbeat_at": heartbeat_at,
-                    "started_at": started_at,
-                    "instance_id": instance_id,
-                },
-            ).fetchone()
+            values = conn.execute(_HEARTBEAT, dataclasses.asdict(heartbeat)).fetchone()
             row = ControllerRow(*values)
-            if instance_id is not None and row.last_seen_at - self._pruned_at >= 60.0:
+            if heartbeat.instance_id is not None and row.last_seen_at - self._pruned_at >= 60.0:
                 self._pruned_at = row.last_seen_at
                 conn.execute(
                     "DELETE FROM controller_instances WHERE last_seen_at < %s",

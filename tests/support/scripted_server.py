@@ -4,9 +4,10 @@ Replies for a path come, in this order, from its script queue (`script`, one rep
 request), its handler (`handler`, a callable for stateful fakes), its default (`default`), or
 a 404 error envelope. Every request is recorded (`requests`, `count`, `wait_for`). A reply can
 be delayed, hang until `release_hangs()` or `stop()`, trickle its bytes, be written raw (for
-broken or truncated answers), or close the connection. Responses carry Content-Length (unless
-a reply sets its own), so keep-alive clients reuse one connection; `connections` counts the
-accepted ones and `Recorded.connection` says which one carried a request.
+broken or truncated answers), close the connection, or reset it (RST, nothing answered).
+Responses carry Content-Length (unless a reply sets its own), so keep-alive clients reuse one
+connection; `connections` counts the accepted ones and `Recorded.connection` says which one
+carried a request.
 
 Built on the stdlib `ThreadingHTTPServer` with daemon threads; thread-safe; usable from the
 test process while a daemon subprocess talks to it. `stop()` is prompt even with hung or
@@ -22,6 +23,7 @@ import contextlib
 import http
 import json
 import socket
+import struct
 import sys
 import threading
 import time
@@ -49,6 +51,7 @@ class Reply:
     trickle_after: int = 0  # bytes sent at once before the trickle starts
     raw: bytes | None = None  # written verbatim instead of a response; the connection closes
     close: bool = False  # `connection: close` and close after answering
+    reset: bool = False  # answer nothing: reset the connection (RST) once the request is in
     reason: str | None = None
 
 
@@ -148,6 +151,12 @@ class _RequestHandler(BaseHTTPRequestHandler):
             reply.hang and not owner._wait_hang()
         ):
             self.close_connection = True
+            return
+        if reply.reset:
+            self.close_connection = True
+            # A zero linger time makes close() send RST instead of FIN.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
             return
         if reply.raw is not None or reply.close:
             self.close_connection = True
