@@ -1,17 +1,23 @@
 """`--scheduler MODULE:CALLABLE` and `--hooks MODULE` (SPEC §14): loading and config errors.
 
 In-process tests load modules written to a temporary directory (each test its own module
-names, so the import cache never hides a case).
+names, so the import cache never hides a case). The subprocess tests run `python -m conductord
+config` and `start` with every kind of plug-in mistake and check the contract: exit 2, nothing
+on stdout, one line on stderr naming the flag, the variable and the module.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from conductord.config import Config, resolve_config
 from conductord.plugins import (
     HOOK_NAMES,
     Hooks,
@@ -144,6 +150,17 @@ def test_load_plugins_gives_the_runtime_the_callables(plugin_dir: Path) -> None:
     assert load_plugins(SimpleNamespace(scheduler=None, hooks=None)) == Plugins()
 
 
+def test_load_plugins_of_a_resolved_config(plugin_dir: Path) -> None:
+    module(plugin_dir, "acme_resolved", "def run(ctx):\n    pass\ndef load_runs():\n    pass\n")
+    flags = {"scheduler": "acme_resolved:run", "hooks": "acme_resolved"}
+    plugins = load_plugins(resolve_config(flags, BASE))
+    assert plugins.scheduler is sys.modules["acme_resolved"].run
+    assert plugins.hooks == Hooks("acme_resolved", load_runs=sys.modules["acme_resolved"].load_runs)
+    with pytest.raises(PluginError) as caught:
+        load_plugins(Config(node_id="n", control_api_base="http://x", hooks="acme_unresolved"))
+    assert caught.value.setting == "hooks"
+
+
 def test_load_plugins_says_which_setting_failed(plugin_dir: Path) -> None:
     for field, value in (("scheduler", "acme_gone:run"), ("hooks", "acme_gone")):
         config = SimpleNamespace(**{"scheduler": None, "hooks": None, field: value})
@@ -151,3 +168,105 @@ def test_load_plugins_says_which_setting_failed(plugin_dir: Path) -> None:
             load_plugins(config)
         assert caught.value.setting == field
         assert str(caught.value).startswith('cannot import "acme_gone"')
+
+
+# --- as subprocesses: `config` finds what `start` would --------------------------------------
+
+PLUGINS = {
+    "acme_cli/__init__.py": "",
+    "acme_cli/jobs.py": "VALUE = 42\ndef run(context):\n    pass\n",
+    "acme_cli/hooks.py": "load_runs = 'not a function'\n",
+}
+
+CASES = {
+    "missing-module": (
+        "--scheduler",
+        "BAA_CONDUCTOR_SCHEDULER",
+        "acme.jobs:run",
+        '--scheduler / BAA_CONDUCTOR_SCHEDULER: cannot import "acme.jobs":'
+        " No module named 'acme'",
+    ),
+    "missing-attribute": (
+        "--scheduler",
+        "BAA_CONDUCTOR_SCHEDULER",
+        "acme_cli.jobs:runn",
+        '--scheduler / BAA_CONDUCTOR_SCHEDULER: "acme_cli.jobs" has no attribute "runn"',
+    ),
+    "not-callable": (
+        "--scheduler",
+        "BAA_CONDUCTOR_SCHEDULER",
+        "acme_cli.jobs:VALUE",
+        '--scheduler / BAA_CONDUCTOR_SCHEDULER: "acme_cli.jobs:VALUE" is not callable (type int)',
+    ),
+    "hooks-missing-module": (
+        "--hooks",
+        "BAA_CONDUCTOR_HOOKS",
+        "acme.hooks",
+        "--hooks / BAA_CONDUCTOR_HOOKS: cannot import \"acme.hooks\": No module named 'acme'",
+    ),
+    "hooks-not-callable": (
+        "--hooks",
+        "BAA_CONDUCTOR_HOOKS",
+        "acme_cli.hooks",
+        '--hooks / BAA_CONDUCTOR_HOOKS: "acme_cli.hooks.load_runs" is not callable (type str)',
+    ),
+}
+
+
+def test_plugin_errors_exit_2_with_one_line_from_config_and_start(tmp_path: Path) -> None:
+    for relative, source in PLUGINS.items():
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text(source)
+    workdir = tmp_path / "elsewhere"  # not on sys.path by itself: PYTHONPATH finds the plug-ins
+    workdir.mkdir()
+    base_env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": str(tmp_path),
+        **BASE,
+    }
+    procs = {}
+    for name, (flag, variable, value, _line) in CASES.items():
+        for command in ("config", "start"):
+            # By flag for one command and by variable for the other, so both sources are seen.
+            by_flag = command == "config"
+            argv = [command, flag, value] if by_flag else [command]
+            env = base_env if by_flag else {**base_env, variable: value}
+            procs[name, command] = subprocess.Popen(
+                [sys.executable, "-m", "conductord", *argv],
+                env=env,
+                cwd=workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+    for (name, command), proc in procs.items():
+        out, err = proc.communicate(timeout=60)
+        line = CASES[name][3]
+        assert (proc.returncode, out, err) == (2, "", f"conductord: error: {line}\n"), (
+            name,
+            command,
+        )
+
+
+def test_good_plugins_pass_config(tmp_path: Path) -> None:
+    (tmp_path / "acme_good.py").write_text(
+        "def run(context):\n    pass\ndef on_lease_state_change(snapshot):\n    pass\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "conductord", "config", "--scheduler", "acme_good:run"],
+        env={
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "PYTHONPATH": str(tmp_path),
+            "BAA_CONDUCTOR_HOOKS": "acme_good",
+            **BASE,
+        },
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "scheduler: acme_good:run\n" in result.stdout
+    assert "hooks: acme_good\n" in result.stdout
