@@ -760,3 +760,72 @@ def test_plugins_resolve_to_their_text() -> None:
     )
     assert (config.scheduler, config.hooks) == (f"{SAMPLE_PLUGINS}:schedule", SAMPLE_PLUGINS)
     assert config.public_dict()["scheduler"] == f"{SAMPLE_PLUGINS}:schedule"
+
+
+# --- the reference Control API's settings: the same machinery --------------------------------
+
+
+def test_control_api_settings_defaults_precedence_and_blank() -> None:
+    from conductord.control_api.settings import ServerSettings, resolve_settings
+
+    assert resolve_settings({}, {}) == ServerSettings(
+        "127.0.0.1", 8787, "./conductord-control.sqlite3"
+    )
+    env = {
+        "BAA_CONTROL_API_LISTEN": "127.0.0.2:1",
+        "BAA_CONTROL_API_DB": "/env/db",
+        "BAA_CONTROL_API_MAX_WAITERS": "5",
+        "BAA_CONTROL_API_LONG_POLL": "off",
+        "BAA_LOG_LEVEL": "DEBUG",
+    }
+    from_env = resolve_settings({"listen": " ", "db": ""}, env)  # blank flags fall through
+    assert (from_env.host, from_env.port, from_env.db) == ("127.0.0.2", 1, "/env/db")
+    assert (from_env.max_waiters, from_env.long_poll, from_env.log_level) == (5, False, "debug")
+    flags = {"listen": "[::1]:0", "max_waiters": "9", "long_poll": False, "shared_token": TOKEN}
+    from_flags = resolve_settings(flags, {**env, "BAA_CONTROL_API_LONG_POLL": "1"})
+    assert (from_flags.host, from_flags.port, from_flags.max_waiters) == ("::1", 0, 9)
+    assert from_flags.long_poll is False and from_flags.token == TOKEN
+    assert TOKEN not in repr(from_flags)
+
+
+def test_control_api_settings_report_every_problem_at_once() -> None:
+    from conductord.control_api.settings import resolve_settings
+
+    env = {"BAA_CONTROL_API_LONG_POLL": "maybe", "BAA_SHARED_TOKEN": TOKEN}
+    with pytest.raises(ConfigError) as caught:
+        resolve_settings({"listen": "nope", "max_waiters": TOKEN, "log_level": "loud"}, env)
+    assert caught.value.problems == [
+        '--listen / BAA_CONTROL_API_LISTEN must be HOST:PORT with a port 0-65535 (got "nope")',
+        '--log-level / BAA_LOG_LEVEL must be "debug", "info", "warning" or "error" (got "loud")',
+        '--max-waiters / BAA_CONTROL_API_MAX_WAITERS must be an integer >= 1 (got "***")',
+        "--no-long-poll / BAA_CONTROL_API_LONG_POLL must be one of 1/0, true/false, yes/no,"
+        ' on/off (got "maybe")',
+    ]
+
+
+def test_control_api_refuses_a_non_loopback_listen_without_a_token(tmp_path: Path) -> None:
+    from conductord.control_api.settings import resolve_settings
+
+    with pytest.raises(ConfigError) as caught:
+        resolve_settings({"listen": "0.0.0.0:0"}, {})
+    assert caught.value.problems == [
+        "refusing to listen on non-loopback address 0.0.0.0 without a shared token"
+        " (--shared-token-file / BAA_SHARED_TOKEN_FILE or --shared-token / BAA_SHARED_TOKEN)"
+    ]
+    # An unreadable token file is its own problem, not also "without a shared token".
+    missing = str(tmp_path / "missing")
+    with pytest.raises(ConfigError) as caught:
+        resolve_settings({"listen": "0.0.0.0:0", "shared_token_file": missing}, {})
+    [problem] = caught.value.problems
+    assert problem.startswith("--shared-token-file / BAA_SHARED_TOKEN_FILE: cannot read")
+    assert resolve_settings({"listen": "0.0.0.0:0"}, {"BAA_SHARED_TOKEN": TOKEN}).host == "0.0.0.0"
+
+
+def test_control_api_usage_lists_every_row() -> None:
+    from conductord.control_api.settings import SERVER_SETTINGS, usage_text
+
+    text = " ".join(usage_text().split())
+    for row in SERVER_SETTINGS:
+        assert row.env in text and row.flag in text
+        assert f"(default: {row.default_text})" in text
+    assert "(default: 127.0.0.1:8787)" in text and "(default: 1000)" in text
