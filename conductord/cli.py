@@ -40,7 +40,7 @@ __all__ = ["HelpRequested", "help_text", "main", "parse_start_argv"]
 
 # command -> (module, function) of the commands that other modules implement.
 _DELEGATED: dict[str, tuple[str, str]] = {
-    "status": ("conductord.status", "main"),
+    "status": ("conductord.commands.status", "main"),
     "control-api": ("conductord.control_api.server", "main"),
 }
 _COMMANDS = ("start", "config", "checklist", "diagnose", "help", "status", "control-api")
