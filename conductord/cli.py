@@ -156,11 +156,10 @@ def _config_text(config: Config) -> str:
             return "not set"
         if isinstance(value, bool):
             return "true" if value else "false"
-        if isinstance(value, list):
-            return ",".join(map(str, value))
         return str(value)
 
     document = config.public_dict()
+    document.pop("control_api_bases")  # control_api_base shows them, comma-joined
     paths = document.pop("paths")
     return "\n".join(f"{key}: {show(value)}" for key, value in {**document, **paths}.items())
 

@@ -873,16 +873,16 @@ class Config:
 
     def __post_init__(self) -> None:
         bases = tuple(self.control_api_bases)
+        if bases and self.control_api_base and self.control_api_base != ",".join(bases):
+            raise ValueError(
+                f"control_api_base {self.control_api_base!r} and control_api_bases {bases!r}"
+                " disagree; give one of them"
+            )
         if not bases:
             bases = tuple(url.strip() for url in self.control_api_base.split(",") if url.strip())
         if not bases:
             raise TypeError("Config needs control_api_base or control_api_bases")
         joined = ",".join(bases)
-        if self.control_api_base and self.control_api_base != joined:
-            raise ValueError(
-                f"control_api_base {self.control_api_base!r} and control_api_bases {bases!r}"
-                " disagree; give one of them"
-            )
         object.__setattr__(self, "control_api_bases", bases)
         object.__setattr__(self, "control_api_base", joined)
         if self.exec_argv is not None:
@@ -904,12 +904,13 @@ class Config:
         """
         document: dict[str, Any] = {}
         for row in SETTINGS:
-            if row.name in _PATH_NAMES:
-                continue
-            document[row.name] = getattr(self, row.attribute)
-        document["control_api_base"] = self.control_api_base
-        document["control_api_bases"] = list(self.control_api_bases)
-        document["exec_command"] = self.exec_argv[0] if self.exec_argv else None
+            if row.name == "control_api_base":
+                document["control_api_base"] = self.control_api_base
+                document["control_api_bases"] = list(self.control_api_bases)
+            elif row.name == "exec_command":
+                document["exec_command"] = self.exec_argv[0] if self.exec_argv else None
+            elif row.name not in _PATH_NAMES:
+                document[row.name] = getattr(self, row.attribute)
         document["shared_token"] = "***" if self.has_shared_token else None
         document["has_shared_token"] = self.has_shared_token
         document["uses_placeholder_token"] = self.uses_placeholder_token

@@ -616,7 +616,7 @@ def test_config_built_directly_takes_either_form_of_the_list() -> None:
     assert one.control_api_bases == ("http://127.0.0.1:9",)
     two = Config(node_id="n", control_api_bases=("http://a.test", "http://b.test"))
     assert two.control_api_base == "http://a.test,http://b.test"
-    assert two == Config(node_id="n", control_api_base="http://a.test,http://b.test")
+    assert two == Config(node_id="n", control_api_base="http://a.test, http://b.test")
     with pytest.raises(ValueError, match="disagree"):
         Config(node_id="n", control_api_base="http://a.test", control_api_bases=("http://b",))
     with pytest.raises(TypeError):
