@@ -2,8 +2,9 @@
 
 Commands: `[start]` (the default), `config`, `checklist`, `diagnose` (what
 `scripts/run_once.py` runs), `help`, `status`, `control-api`, plus `--version` and
-`-h/--help`. Every config option comes from `config.SETTINGS`, so the parser and `help`
-cannot drift apart.
+`-h/--help`. Every config option comes from the settings table `config.SETTINGS`, so the
+parser and `help` cannot drift apart. Commands that are clients of something else live in
+`conductord.commands` (`status`); `control-api` is the reference server's own entry point.
 
 Exit codes: 0 ok, 1 unexpected failure, 2 usage or config error, 3 degraded / unhealthy (the
 last one is returned by the commands themselves). Errors are one line each on stderr, never a
@@ -21,7 +22,6 @@ import importlib
 import json
 import os
 import sys
-import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -31,7 +31,6 @@ from conductord.config import (
     SETTINGS,
     Config,
     ConfigError,
-    Setting,
     config_warnings,
     resolve_config,
     scrub,
@@ -41,7 +40,7 @@ __all__ = ["HelpRequested", "help_text", "main", "parse_start_argv"]
 
 # command -> (module, function) of the commands that other modules implement.
 _DELEGATED: dict[str, tuple[str, str]] = {
-    "status": ("conductord.status", "main"),
+    "status": ("conductord.commands.status", "main"),
     "control-api": ("conductord.control_api.server", "main"),
 }
 _COMMANDS = ("start", "config", "checklist", "diagnose", "help", "status", "control-api")
@@ -63,14 +62,7 @@ def _options_parser(command: str) -> ArgumentParser:
         return parser
     if command == "start":
         parser.add_argument("--run-once", action="store_true")
-    for setting in SETTINGS:
-        if setting.metavar is None:
-            group = parser.add_mutually_exclusive_group()
-            on, off = setting.flags
-            group.add_argument(on, dest=setting.name, action="store_const", const=True)
-            group.add_argument(off, dest=setting.name, action="store_const", const=False)
-        else:
-            parser.add_argument(setting.flag, dest=setting.name, metavar=setting.metavar)
+    SETTINGS.add_arguments(parser)
     return parser
 
 
@@ -87,10 +79,6 @@ def _parse_options(command: str, argv: Sequence[str]) -> argparse.Namespace:
     return namespace
 
 
-def _flags(namespace: argparse.Namespace) -> dict[str, object]:
-    return {setting.name: getattr(namespace, setting.name) for setting in SETTINGS}
-
-
 def parse_start_argv(
     argv: Sequence[str], env: Mapping[str, str]
 ) -> tuple[Config, argparse.Namespace]:
@@ -103,25 +91,11 @@ def parse_start_argv(
     if tokens[:1] == ["start"]:
         tokens = tokens[1:]
     namespace = _parse_options("start", tokens)
-    return resolve_config(_flags(namespace), env), namespace
+    return resolve_config(SETTINGS.flags(namespace), env), namespace
 
 
 # ---------------------------------------------------------------------------------------------
 # Help
-
-
-def _setting_lines(setting: Setting) -> list[str]:
-    if setting.metavar is None:
-        flag = " | ".join(setting.flags)
-    else:
-        flag = f"{setting.flag} {setting.metavar}"
-    described = textwrap.wrap(
-        f"{setting.help} (default: {setting.default})",
-        width=98,
-        initial_indent="      ",
-        subsequent_indent="      ",
-    )
-    return [f"  {flag:<38} {setting.env}", *described]
 
 
 def help_text() -> str:
@@ -154,8 +128,7 @@ def help_text() -> str:
         "options of start, diagnose and config (flag, environment variable, default);",
         "precedence: default < environment < flag; an empty or blank value counts as unset:",
     ]
-    for setting in SETTINGS:
-        lines.extend(_setting_lines(setting))
+    lines.extend(SETTINGS.help_lines())
     lines += [
         "",
         "exit codes: 0 ok, 1 unexpected failure, 2 usage or configuration error,"
@@ -186,19 +159,21 @@ def _config_text(config: Config) -> str:
         return str(value)
 
     document = config.public_dict()
+    document.pop("control_api_bases")  # control_api_base shows them, comma-joined
     paths = document.pop("paths")
     return "\n".join(f"{key}: {show(value)}" for key, value in {**document, **paths}.items())
 
 
 def _cmd_config(argv: Sequence[str], env: Mapping[str, str], secrets: list[str]) -> int:
     namespace = _parse_options("config", argv)
-    config = resolve_config(_flags(namespace), env)
+    config = resolve_config(SETTINGS.flags(namespace), env)
     if config.shared_token:
         secrets.append(config.shared_token)
+    # The token is masked already; scrubbing also catches it pasted into another setting.
     if namespace.json:
-        _out(json.dumps(config.public_dict(), indent=2))
+        _out(scrub(json.dumps(config.public_dict(), indent=2), secrets))
     else:
-        _out(_config_text(config))
+        _out(scrub(_config_text(config), secrets))
     for warning in config_warnings(config):
         _warn(warning)
     return 0

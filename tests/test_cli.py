@@ -100,6 +100,12 @@ def test_parse_start_argv_maps_every_flag() -> None:
         "tmp_dir": "/t",
         "state_dir": "/s",
         "log_level": "error",
+        "exec_command": "job --flag 'two words'",
+        "exec_every_ms": "7",
+        "exec_stop_grace_ms": "7",
+        "scheduler": "tests.support.plugin_samples:schedule",
+        "scheduler_interval_ms": "7",
+        "hooks": "tests.support.plugin_samples",
     }
     argv = ["--json", "--no-preferred"]
     argv += [f"{s.flag}={values[s.name]}" for s in SETTINGS if s.name in values]
@@ -110,6 +116,7 @@ def test_parse_start_argv_maps_every_flag() -> None:
         "host": "h",
         "role": "standby",
         "control_api_base": "https://c.test",
+        "control_api_bases": ["https://c.test"],
         "local_api_base": "http://127.0.0.1:9",
         "shared_token": "***",
         "shared_token_file": None,
@@ -121,11 +128,18 @@ def test_parse_start_argv_maps_every_flag() -> None:
         "lease_ttl_sec": 7,
         "renew_failure_threshold": 7,
         "request_timeout_ms": 7,
+        "exec_command": "job",
+        "exec_every_ms": 7,
+        "exec_stop_grace_ms": 7,
+        "scheduler": "tests.support.plugin_samples:schedule",
+        "scheduler_interval_ms": 7,
+        "hooks": "tests.support.plugin_samples",
         "log_level": "error",
         "has_shared_token": True,
         "uses_placeholder_token": False,
         "paths": None,
     }
+    assert config.exec_argv == ("job", "--flag", "two words")
     assert config.paths.as_dict() == {
         "logs_dir": "/l",
         "runs_dir": "/r",
@@ -198,7 +212,7 @@ def test_help_lists_every_flag_variable_and_default(capsys) -> None:
         for setting in SETTINGS:
             assert setting.env in out
             assert all(flag in out for flag in setting.flags)
-            assert f"(default: {setting.default})" in " ".join(out.split())
+            assert f"(default: {setting.default_text})" in " ".join(out.split())
         for command in ("start", "config", "checklist", "status", "control-api", "--version"):
             assert f"conductord {command}" in out or f"  {command} " in out
 
@@ -322,3 +336,46 @@ def test_token_never_appears_in_any_output(tmp_path: Path) -> None:
     assert results["typo"][2] == "conductord: error: unknown option --shared-tokn\n"
     assert results["stray"] == (2, "", 'conductord: error: unexpected argument "***"\n')
     assert results["both"][0] == 2 and "mutually exclusive" in results["both"][2]
+
+
+def test_lists_exec_and_timing_errors_as_subprocesses(tmp_path: Path) -> None:
+    many = "http://127.0.0.1:1,http://127.0.0.1:2/"
+    exec_rule = ["--exec", "job", "--lease-ttl-sec", "2", "--request-timeout-ms", "500"]
+    cases = {
+        "list-json": ["config", "--json", "--control-api-base", many],
+        "list-text": ["config", "--control-api-base", many],
+        "duplicate-config": ["config", "--control-api-base", "http://a.test,http://A.test/"],
+        "duplicate-start": ["start", "--control-api-base", "http://a.test,http://A.test/"],
+        "exec-config": ["config", *exec_rule],
+        "exec-start": ["start", *exec_rule],
+        "exec-unsplittable": ["start", "--exec", f"job --token '{TOKEN}"],
+        "exec-fits": ["config", *exec_rule, "--exec-stop-grace-ms", "750"],
+    }
+    results = spawn_all(cases, BASE, tmp_path)
+    code, out, err = results["list-json"]
+    document = json.loads(out)
+    assert code == 0, err
+    assert document["control_api_base"] == "http://127.0.0.1:1,http://127.0.0.1:2"
+    assert document["control_api_bases"] == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+    code, out, _ = results["list-text"]
+    assert "control_api_base: http://127.0.0.1:1,http://127.0.0.1:2\n" in out
+    duplicate = (
+        "conductord: error: --control-api-base / BAA_CONTROL_API_BASE lists"
+        ' "http://A.test" twice (entries 1 and 2); give each Control API URL once\n'
+    )
+    exec_line = (
+        "conductord: error: --exec-stop-grace-ms / BAA_CONDUCTOR_EXEC_STOP_GRACE_MS (1000 ms)"
+        " + 250 ms must fit in the step-down margin (1000 ms: one --lease-renew-interval-ms /"
+        " BAA_CONDUCTOR_LEASE_RENEW_INTERVAL_MS, at least 1 s, at most half of --lease-ttl-sec"
+        " / BAA_CONDUCTOR_LEASE_TTL_SEC) when --exec / BAA_CONDUCTOR_EXEC is set, so that a"
+        " child stopped at the local lease deadline is gone before the lease can pass to"
+        " another node\n"
+    )
+    for command in ("config", "start"):
+        assert results[f"duplicate-{command}"] == (2, "", duplicate), command
+        assert results[f"exec-{command}"] == (2, "", exec_line), command
+    code, out, err = results["exec-unsplittable"]
+    assert (code, out) == (2, "") and err.count("\n") == 1
+    assert "cannot be split into a command line" in err and TOKEN not in err
+    code, out, err = results["exec-fits"]
+    assert code == 0 and "exec_stop_grace_ms: 750\n" in out and "exec_command: job\n" in out

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 from pathlib import Path
 
 import pytest
 
-from conductord import __version__
+from conductord import __version__, cli
 from conductord.config import (
     SETTINGS,
     SETTINGS_BY_NAME,
+    ByRole,
     Config,
     ConfigError,
     Paths,
@@ -23,6 +26,10 @@ from conductord.config import (
     token_warnings,
     validate_local_api,
 )
+from conductord.lease import default_margin_s
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+SAMPLE_PLUGINS = "tests.support.plugin_samples"
 
 BASE = {"BAA_CONTROL_API_BASE": "https://control.example.test"}
 TOKEN = "tok-Zq8vK3pW9xLm2"  # distinctive, so a leak is easy to grep for
@@ -78,7 +85,7 @@ SAMPLES: dict[str, tuple[str, object, object]] = {
     "node_id": ("env-node", "flag-node", "flag-node"),
     "host": ("env-host", "flag-host", "flag-host"),
     "role": ("standby", "primary", "primary"),
-    "control_api_base": ("https://env.test", "https://flag.test/", "https://flag.test"),
+    "control_api_base": ("https://env.test", "https://flag.test/", ("https://flag.test",)),
     "local_api_base": ("http://127.0.0.1:1000", "http://[::1]:2000/", "http://[::1]:2000"),
     "shared_token": ("env-token", "flag-token", "flag-token"),
     "priority": ("7", "8", 8),
@@ -95,13 +102,23 @@ SAMPLES: dict[str, tuple[str, object, object]] = {
     "tmp_dir": ("/env/tmp", "/flag/tmp", "/flag/tmp"),
     "state_dir": ("/env/state", "/flag/state", "/flag/state"),
     "log_level": ("debug", "WARNING", "warning"),
+    "exec_command": ("env-job --once", "flag-job 'a b' c", ("flag-job", "a b", "c")),
+    "exec_every_ms": ("1000", "60000", 60000),
+    "exec_stop_grace_ms": ("500", "0", 0),
+    "scheduler": (
+        f"{SAMPLE_PLUGINS}:schedule",
+        f"{SAMPLE_PLUGINS}.other:Jobs.run",
+        f"{SAMPLE_PLUGINS}.other:Jobs.run",
+    ),
+    "scheduler_interval_ms": ("1000", "250", 250),
+    "hooks": (SAMPLE_PLUGINS, f"{SAMPLE_PLUGINS}.other", f"{SAMPLE_PLUGINS}.other"),
 }
 
 
 def field_value(config: Config, name: str) -> object:
     if name in Paths.__dataclass_fields__:
         return getattr(config.paths, name)
-    return getattr(config, name)
+    return getattr(config, SETTINGS_BY_NAME[name].attribute)
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLES))
@@ -169,6 +186,13 @@ def test_missing_control_api_base_names_flag_and_variable() -> None:
         ("local_api_base", "http://127.0.0.1:0", "must name an explicit port"),
         ("local_api_base", "http://127.0.0.1:99999", "with a valid port"),
         ("local_api_base", "http://127.0.0.1:4317/status", "must not have a path"),
+        ("exec_every_ms", "0", 'must be an integer >= 1 (got "0")'),
+        ("exec_stop_grace_ms", "-1", 'must be an integer >= 0 (got "-1")'),
+        ("scheduler_interval_ms", "5s", 'must be an integer >= 1 (got "5s")'),
+        ("exec_command", "sh -c 'echo", "cannot be split into a command line (no closing quot"),
+        ("exec_command", "''", "names no program to run"),
+        ("scheduler", "tests.support", ': "tests.support" is not MODULE:CALLABLE'),
+        ("hooks", "a.b:c", ': "a.b:c" is MODULE:CALLABLE; --hooks takes a module name'),
     ],
 )
 def test_each_validation_error_names_flag_and_variable(
@@ -177,7 +201,7 @@ def test_each_validation_error_names_flag_and_variable(
     setting = SETTINGS_BY_NAME[name]
     for flags, env in (({name: value}, BASE), ({}, {**BASE, setting.env: value})):
         [problem] = problems_of(flags, env)
-        assert problem.startswith(f"{setting.flag} / {setting.env} ")
+        assert problem.startswith(f"{setting.flag} / {setting.env}")
         assert expected in problem
 
 
@@ -325,7 +349,8 @@ def test_token_never_in_repr_str_or_public_dict() -> None:
 def test_public_dict_shape() -> None:
     document = resolve_config({}, BASE).public_dict()
     flat = {s.name for s in SETTINGS} - set(Paths.__dataclass_fields__)
-    assert set(document) == flat | {"has_shared_token", "uses_placeholder_token", "paths"}
+    extra = {"control_api_bases", "has_shared_token", "uses_placeholder_token", "paths"}
+    assert set(document) == flat | extra
     assert set(document["paths"]) == {
         "logs_dir",
         "runs_dir",
@@ -489,3 +514,318 @@ def test_given_and_scrub() -> None:
         "7",
     )
     assert scrub("a tok b tok", [" tok ", "", "  "]) == "a *** b ***"
+
+
+# --- the table: a default is written once --------------------------------------------------
+
+
+def test_each_default_is_written_once_in_the_table() -> None:
+    """`Config`'s own defaults, a resolved config and `help` all show the table's default."""
+    help_text = " ".join(cli.help_text().split())
+    resolved = resolve_config({}, BASE)
+    dataclass_fields = {f.name: f for f in dataclasses.fields(Config)}
+    checked = 0
+    for setting in SETTINGS:
+        assert f"(default: {setting.default_text})" in help_text, setting.name
+        if setting.default is None or setting.name in Paths.__dataclass_fields__:
+            continue
+        expected = (
+            setting.default.primary if isinstance(setting.default, ByRole) else setting.default
+        )
+        if setting.name != "node_id":  # a template, formatted with the host
+            assert dataclass_fields[setting.attribute].default == expected, setting.name
+        assert field_value(resolved, setting.name) == (
+            expected.format(host="localhost") if setting.name == "node_id" else expected
+        )
+        checked += 1
+    assert checked == 14
+    assert SETTINGS_BY_NAME["exec_stop_grace_ms"].default == 1000
+    assert SETTINGS_BY_NAME["scheduler_interval_ms"].default == 5000
+    assert "(default: 1000)" in help_text and "(default: 5000)" in help_text
+
+
+def test_the_readme_table_is_the_settings_table() -> None:
+    text = README.read_text(encoding="utf-8")
+    match = re.search(r"<!-- settings:start -->\n(.*?)\n<!-- settings:end -->", text, re.S)
+    assert match, "README.md lost its settings table markers"
+    assert match.group(1) == SETTINGS.markdown(), (
+        "README.md's settings table is stale: paste the output of"
+        ' `python -c "from conductord.config import SETTINGS; print(SETTINGS.markdown())"`'
+    )
+
+
+# --- several Control API base URLs (SPEC §17) ------------------------------------------------
+
+
+def test_control_api_base_takes_a_comma_separated_list() -> None:
+    raw = " https://a.test/ , http://127.0.0.1:8787/api//,https://b.test:8443"
+    for flags, env in (({"control_api_base": raw}, {}), ({}, {"BAA_CONTROL_API_BASE": raw})):
+        config = resolve_config(flags, env)
+        assert config.control_api_bases == (
+            "https://a.test",
+            "http://127.0.0.1:8787/api",
+            "https://b.test:8443",
+        )
+        assert config.control_api_base == ",".join(config.control_api_bases)
+        document = config.public_dict()
+        assert document["control_api_base"] == config.control_api_base
+        assert document["control_api_bases"] == list(config.control_api_bases)
+
+
+@pytest.mark.parametrize(
+    ("raw", "entries"),
+    [
+        ("https://a.test,https://a.test", (1, 2)),
+        ("https://a.test,https://b.test,https://a.test/", (1, 3)),  # trailing slash
+        ("https://A.TEST,https://a.test", (1, 2)),  # host case
+        ("http://a.test:80,http://a.test", (1, 2)),  # the default port
+        ("https://a.test:443/x,https://a.test/x/", (1, 2)),
+    ],
+)
+def test_duplicate_control_api_urls_are_refused(raw: str, entries: tuple[int, int]) -> None:
+    [problem] = problems_of({"control_api_base": raw}, {})
+    assert problem.startswith("--control-api-base / BAA_CONTROL_API_BASE lists ")
+    assert problem.endswith(
+        f" twice (entries {entries[0]} and {entries[1]}); give each Control API URL once"
+    )
+
+
+def test_different_paths_or_ports_are_not_duplicates() -> None:
+    raw = "https://a.test/one,https://a.test/two,https://a.test:8443/one,http://a.test/one"
+    assert len(resolve_config({"control_api_base": raw}, {}).control_api_bases) == 4
+
+
+def test_each_bad_entry_of_the_list_is_reported_with_its_position() -> None:
+    problems = problems_of(
+        {"control_api_base": "https://ok.test,ftp://x.test,,https://u:pw-secret@y.test"}, {}
+    )
+    assert problems == [
+        "--control-api-base / BAA_CONTROL_API_BASE entry 2 must be an http(s) URL such as"
+        ' https://control.example.test (got "ftp://x.test")',
+        "--control-api-base / BAA_CONTROL_API_BASE entry 3 is empty: give comma-separated"
+        " http(s) URLs",
+        "--control-api-base / BAA_CONTROL_API_BASE entry 4 must not carry credentials; use"
+        " --shared-token-file",
+    ]
+    [problem] = problems_of({"control_api_base": "https://a.test,"}, {})
+    assert "entry 2 is empty" in problem
+
+
+def test_config_built_directly_takes_either_form_of_the_list() -> None:
+    one = Config(node_id="n", control_api_base="http://127.0.0.1:9")
+    assert one.control_api_bases == ("http://127.0.0.1:9",)
+    two = Config(node_id="n", control_api_bases=("http://a.test", "http://b.test"))
+    assert two.control_api_base == "http://a.test,http://b.test"
+    assert two == Config(node_id="n", control_api_base="http://a.test, http://b.test")
+    with pytest.raises(ValueError, match="disagree"):
+        Config(node_id="n", control_api_base="http://a.test", control_api_bases=("http://b",))
+    with pytest.raises(TypeError):
+        Config(node_id="n")
+
+
+def test_warnings_look_at_every_control_api_url(tmp_path: Path) -> None:
+    mixed = "http://127.0.0.1:8787,http://control.example.test"
+    config = healthy(tmp_path, control_api_base=mixed)
+    assert only_warning(config) == (
+        "the shared token is sent over plain http:// to the non-loopback host"
+        " control.example.test; use https://"
+    )
+    local = healthy(tmp_path, node_id=None, control_api_base="http://127.0.0.1:1,http://[::1]:2")
+    assert config_warnings(local) == []
+    remote = healthy(tmp_path, node_id=None, control_api_base="http://127.0.0.1:1,https://c.test")
+    assert only_warning(remote).startswith("node id defaults to localhost-main")
+
+
+# --- --exec and its timing rule (SPEC §14) ---------------------------------------------------
+
+
+def test_exec_is_split_like_a_shell_without_one() -> None:
+    config = resolve_config({"exec_command": 'python3 -c \'print("a b")\' "$HOME" # x'}, BASE)
+    assert config.exec_argv == ("python3", "-c", 'print("a b")', "$HOME", "#", "x")
+    assert config.public_dict()["exec_command"] == "python3"  # argv[0] only
+    assert resolve_config({}, BASE).exec_argv is None
+
+
+def test_an_unparsable_exec_command_never_echoes_it() -> None:
+    [problem] = problems_of({}, {**BASE, "BAA_CONDUCTOR_EXEC": "job --password 'pw-secret"})
+    assert problem == (
+        "--exec / BAA_CONDUCTOR_EXEC cannot be split into a command line (no closing"
+        " quotation); quote it as a POSIX shell would (the command is not shown)"
+    )
+
+
+def exec_flags(ttl: int, renew_ms: int, grace_ms: int | None) -> dict[str, object]:
+    flags: dict[str, object] = {
+        "exec_command": "job",
+        "lease_ttl_sec": str(ttl),
+        "lease_renew_interval_ms": str(renew_ms),
+        "request_timeout_ms": "500",
+    }
+    if grace_ms is not None:
+        flags["exec_stop_grace_ms"] = str(grace_ms)
+    return flags
+
+
+@pytest.mark.parametrize(
+    ("ttl", "renew_ms", "margin_ms"),
+    [
+        (3, 1000, 1000),  # one renew interval
+        (30, 5000, 5000),  # the defaults
+        (3, 200, 1000),  # at least 1 s
+        (2, 5000, 1000),  # at most half the TTL
+        (5, 2345, 2345),
+    ],
+)
+def test_exec_stop_grace_must_fit_in_the_margin_at_its_boundary(
+    ttl: int, renew_ms: int, margin_ms: int
+) -> None:
+    assert round(default_margin_s(renew_ms, ttl) * 1000) == margin_ms  # the rule's own margin
+    fits = margin_ms - 250
+    assert resolve_config(exec_flags(ttl, renew_ms, fits), BASE).exec_stop_grace_ms == fits
+    [problem] = problems_of(exec_flags(ttl, renew_ms, fits + 1), BASE)
+    assert problem == (
+        f"--exec-stop-grace-ms / BAA_CONDUCTOR_EXEC_STOP_GRACE_MS ({fits + 1} ms) + 250 ms must"
+        f" fit in the step-down margin ({margin_ms} ms: one --lease-renew-interval-ms /"
+        " BAA_CONDUCTOR_LEASE_RENEW_INTERVAL_MS, at least 1 s, at most half of --lease-ttl-sec /"
+        " BAA_CONDUCTOR_LEASE_TTL_SEC) when --exec / BAA_CONDUCTOR_EXEC is set, so that a child"
+        " stopped at the local lease deadline is gone before the lease can pass to another node"
+    )
+
+
+def test_exec_timing_rule_applies_only_with_exec_and_to_the_default_grace() -> None:
+    no_exec = {**exec_flags(2, 1000, 5000), "exec_command": None}
+    assert resolve_config(no_exec, BASE).exec_stop_grace_ms == 5000
+    # The default grace (1000 ms) does not fit a 1 s margin: --exec with TTL 2 needs a smaller one.
+    [problem] = problems_of(exec_flags(2, 1000, None), BASE)
+    assert problem.startswith("--exec-stop-grace-ms / BAA_CONDUCTOR_EXEC_STOP_GRACE_MS (1000 ms)")
+    env = {**BASE, "BAA_CONDUCTOR_EXEC_STOP_GRACE_MS": "750"}
+    assert resolve_config(exec_flags(2, 1000, None), env).exec_stop_grace_ms == 750
+
+
+def test_exec_every_without_exec_is_a_warning(tmp_path: Path) -> None:
+    config = healthy(tmp_path, exec_every_ms="60000")
+    assert only_warning(config) == (
+        "--exec-every-ms / BAA_CONDUCTOR_EXEC_EVERY_MS has no effect without --exec /"
+        " BAA_CONDUCTOR_EXEC"
+    )
+    assert config_warnings(healthy(tmp_path, exec_every_ms="60000", exec_command="job")) == []
+
+
+# --- plug-ins are imported while the config resolves -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        (
+            "scheduler",
+            "acme_missing.jobs:run",
+            '--scheduler / BAA_CONDUCTOR_SCHEDULER: cannot import "acme_missing.jobs":'
+            " No module named 'acme_missing'",
+        ),
+        (
+            "scheduler",
+            f"{SAMPLE_PLUGINS}:nothing",
+            f'--scheduler / BAA_CONDUCTOR_SCHEDULER: "{SAMPLE_PLUGINS}" has no attribute "nothing"',
+        ),
+        (
+            "scheduler",
+            f"{SAMPLE_PLUGINS}:__doc__",
+            f'--scheduler / BAA_CONDUCTOR_SCHEDULER: "{SAMPLE_PLUGINS}:__doc__" is not callable'
+            " (type str)",
+        ),
+        (
+            "hooks",
+            "acme_missing",
+            '--hooks / BAA_CONDUCTOR_HOOKS: cannot import "acme_missing": No module named'
+            " 'acme_missing'",
+        ),
+        (
+            "hooks",
+            "tests.support",
+            '--hooks / BAA_CONDUCTOR_HOOKS: "tests.support" defines none of load_runs,'
+            " reconcile_runs, on_lease_state_change",
+        ),
+    ],
+)
+def test_plugin_problems_are_config_errors(name: str, value: str, expected: str) -> None:
+    env_name = SETTINGS_BY_NAME[name].env
+    for flags, env in (({name: value}, BASE), ({}, {**BASE, env_name: value})):
+        assert problems_of(flags, env) == [expected]
+
+
+def test_plugins_resolve_to_their_text() -> None:
+    config = resolve_config(
+        {"scheduler": f" {SAMPLE_PLUGINS}:schedule ", "hooks": SAMPLE_PLUGINS}, BASE
+    )
+    assert (config.scheduler, config.hooks) == (f"{SAMPLE_PLUGINS}:schedule", SAMPLE_PLUGINS)
+    assert config.public_dict()["scheduler"] == f"{SAMPLE_PLUGINS}:schedule"
+
+
+# --- the reference Control API's settings: the same machinery --------------------------------
+
+
+def test_control_api_settings_defaults_precedence_and_blank() -> None:
+    from conductord.control_api.settings import ServerSettings, resolve_settings
+
+    assert resolve_settings({}, {}) == ServerSettings(
+        "127.0.0.1", 8787, "./conductord-control.sqlite3"
+    )
+    env = {
+        "BAA_CONTROL_API_LISTEN": "127.0.0.2:1",
+        "BAA_CONTROL_API_DB": "/env/db",
+        "BAA_CONTROL_API_MAX_WAITERS": "5",
+        "BAA_CONTROL_API_LONG_POLL": "off",
+        "BAA_LOG_LEVEL": "DEBUG",
+    }
+    from_env = resolve_settings({"listen": " ", "db": ""}, env)  # blank flags fall through
+    assert (from_env.host, from_env.port, from_env.db) == ("127.0.0.2", 1, "/env/db")
+    assert (from_env.max_waiters, from_env.long_poll, from_env.log_level) == (5, False, "debug")
+    flags = {"listen": "[::1]:0", "max_waiters": "9", "long_poll": False, "shared_token": TOKEN}
+    from_flags = resolve_settings(flags, {**env, "BAA_CONTROL_API_LONG_POLL": "1"})
+    assert (from_flags.host, from_flags.port, from_flags.max_waiters) == ("::1", 0, 9)
+    assert from_flags.long_poll is False and from_flags.token == TOKEN
+    assert TOKEN not in repr(from_flags)
+
+
+def test_control_api_settings_report_every_problem_at_once() -> None:
+    from conductord.control_api.settings import resolve_settings
+
+    env = {"BAA_CONTROL_API_LONG_POLL": "maybe", "BAA_SHARED_TOKEN": TOKEN}
+    with pytest.raises(ConfigError) as caught:
+        resolve_settings({"listen": "nope", "max_waiters": TOKEN, "log_level": "loud"}, env)
+    assert caught.value.problems == [
+        '--listen / BAA_CONTROL_API_LISTEN must be HOST:PORT with a port 0-65535 (got "nope")',
+        '--log-level / BAA_LOG_LEVEL must be "debug", "info", "warning" or "error" (got "loud")',
+        '--max-waiters / BAA_CONTROL_API_MAX_WAITERS must be an integer >= 1 (got "***")',
+        "--no-long-poll / BAA_CONTROL_API_LONG_POLL must be one of 1/0, true/false, yes/no,"
+        ' on/off (got "maybe")',
+    ]
+
+
+def test_control_api_refuses_a_non_loopback_listen_without_a_token(tmp_path: Path) -> None:
+    from conductord.control_api.settings import resolve_settings
+
+    with pytest.raises(ConfigError) as caught:
+        resolve_settings({"listen": "0.0.0.0:0"}, {})
+    assert caught.value.problems == [
+        "refusing to listen on non-loopback address 0.0.0.0 without a shared token"
+        " (--shared-token-file / BAA_SHARED_TOKEN_FILE or --shared-token / BAA_SHARED_TOKEN)"
+    ]
+    # An unreadable token file is its own problem, not also "without a shared token".
+    missing = str(tmp_path / "missing")
+    with pytest.raises(ConfigError) as caught:
+        resolve_settings({"listen": "0.0.0.0:0", "shared_token_file": missing}, {})
+    [problem] = caught.value.problems
+    assert problem.startswith("--shared-token-file / BAA_SHARED_TOKEN_FILE: cannot read")
+    assert resolve_settings({"listen": "0.0.0.0:0"}, {"BAA_SHARED_TOKEN": TOKEN}).host == "0.0.0.0"
+
+
+def test_control_api_usage_lists_every_row() -> None:
+    from conductord.control_api.settings import SERVER_SETTINGS, usage_text
+
+    text = " ".join(usage_text().split())
+    for row in SERVER_SETTINGS:
+        assert row.env in text and row.flag in text
+        assert f"(default: {row.default_text})" in text
+    assert "(default: 127.0.0.1:8787)" in text and "(default: 1000)" in text

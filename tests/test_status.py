@@ -31,7 +31,7 @@ import requests
 from gevent.event import Event
 from prometheus_client.parser import text_string_to_metric_families
 
-from conductord import __version__, cli, status
+from conductord import __version__
 from conductord.config import Config
 from conductord.lease import LeaseMachine, LeaseState, Transition
 from conductord.status import (
@@ -39,7 +39,6 @@ from conductord.status import (
     StatusServerError,
     make_app,
     progress_limits,
-    summary_line,
 )
 from tests.support.scripted_server import Recorded, Reply, ScriptedServer
 
@@ -471,143 +470,6 @@ def test_each_app_has_its_own_registry() -> None:
 
     assert "conductord_is_leader 0.0" in metrics(make_app(a))
     assert "conductord_is_leader 1.0" in metrics(make_app(b))
-
-
-# ---------------------------------------------------------------------------------------------
-# `conductord status`
-
-
-def run_status(
-    capsys: pytest.CaptureFixture[str], argv: list[str], env: dict[str, str] | None = None
-) -> tuple[int, str, str]:
-    code = in_thread(status.main, argv, env or {})
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_summary_line() -> None:
-    snapshot = {
-        "identity": "mini-main@mini(primary)",
-        "daemon": {
-            "lease_state": "leader",
-            "current_leader_id": "mini-main",
-            "current_term": 7,
-            "lease_expires_at": 1_000_023,
-            "last_error": None,
-        },
-    }
-    assert summary_line(snapshot, now=1_000_000.4) == (
-        "mini-main@mini(primary) state=leader leader=mini-main term=7 lease_expires_in=23s"
-        " last_error=-"
-    )
-    snapshot["daemon"].update(
-        lease_state="degraded",
-        current_leader_id=None,
-        current_term=None,
-        lease_expires_at=None,
-        last_error='Control API /v1/leader/acquire: connection failed: "refused"',
-    )
-    assert summary_line(snapshot, now=0) == (
-        "mini-main@mini(primary) state=degraded leader=- term=- lease_expires_in=-"
-        ' last_error="Control API /v1/leader/acquire: connection failed: \\"refused\\""'
-    )
-
-
-def test_status_command_exit_codes_and_output(
-    runtime: FakeRuntime, server: StatusServer, capsys: pytest.CaptureFixture[str]
-) -> None:
-    runtime.become_leader(term=7)
-    code, out, err = run_status(capsys, ["--local-api", server.url + "/"])
-    assert (code, err) == (0, "")
-    assert out.startswith(f"{NODE}@mini(primary) state=leader leader={NODE} term=7 ")
-    assert out.count("\n") == 1
-
-    # The environment variable is the default; --json prints the snapshot.
-    code, out, err = run_status(capsys, ["--json"], {"BAA_CONDUCTOR_LOCAL_API": server.url})
-    assert (code, err) == (0, "")
-    assert json.loads(out) == runtime.snapshot()
-
-    runtime.fail_renewals(2)
-    code, out, err = run_status(capsys, ["--local-api", server.url])
-    assert (code, err) == (3, "")
-    assert "state=degraded" in out
-    assert 'last_error="Control API /v1/leader/acquire: timed out"' in out
-
-    # Something that is not the status endpoint answers: exit 1, one line.
-    with ScriptedServer() as fake:
-        fake.default("/v1/status", Reply(status=404, body={"error": "not_found"}))
-        url = fake.url
-        code, out, err = run_status(capsys, ["--local-api", url])
-    assert (code, out) == (1, "")
-    assert err == (
-        f"conductord: error: {url}/v1/status answered HTTP 404;"
-        " is a conductord status endpoint listening there?\n"
-    )
-
-
-def test_status_command_unreachable(capsys: pytest.CaptureFixture[str]) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}"  # bound, not listening: refused
-        code, out, err = run_status(capsys, ["--local-api", url])
-    assert (code, out) == (1, "")
-    assert err == f"conductord: error: cannot reach {url}: Connection refused\n"
-
-
-def test_status_command_times_out_after_two_seconds(capsys: pytest.CaptureFixture[str]) -> None:
-    with ScriptedServer() as fake:
-        fake.default("/v1/status", Reply(hang=True))
-        url = fake.url
-        began = time.monotonic()
-        code, out, err = run_status(capsys, ["--local-api", fake.url])
-        elapsed = time.monotonic() - began
-    assert (code, out) == (1, "")
-    assert err == f"conductord: error: cannot reach {url}: timed out after 2000 ms\n"
-    assert 1.9 < elapsed < 10
-
-
-@pytest.mark.parametrize(
-    ("argv", "env", "expected"),
-    [
-        ([], {}, "--local-api / BAA_CONDUCTOR_LOCAL_API is not set"),
-        ([], {"BAA_CONDUCTOR_LOCAL_API": "  "}, "--local-api / BAA_CONDUCTOR_LOCAL_API is not set"),
-        (["--local-api", "ftp://127.0.0.1:1"], {}, "must be an http:// URL"),
-        (["--local-api", "http://127.0.0.1:x"], {}, "must be http://HOST:PORT with a valid port"),
-        # The same rules as the node's own --local-api: http, loopback, explicit port, no path.
-        (["--local-api", "https://example.com"], {}, "must be an http:// URL"),
-        ([], {"BAA_CONDUCTOR_LOCAL_API": "http://192.0.2.1:4317"}, "must use a loopback host"),
-        (["--local-api", "http://127.0.0.1"], {}, "must name an explicit port"),
-        (["--local-api", "http://127.0.0.1:1/elsewhere"], {}, "must not have a path"),
-        (["--local-api"], {}, "expected one argument"),
-        (["--bogus"], {}, "unknown option --bogus"),
-    ],
-)
-def test_status_command_usage_errors(
-    capsys: pytest.CaptureFixture[str], argv: list[str], env: dict[str, str], expected: str
-) -> None:
-    code, out, err = run_status(capsys, argv, env)
-    assert (code, out) == (2, "")
-    assert err.startswith("conductord: error: ") and expected in err
-    assert err.count("\n") == 1
-
-
-def test_status_refuses_a_non_loopback_https_url_as_the_config_does(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    # `conductord status` used to accept https:// and any host; it now shares the config's rule.
-    code = in_thread(cli.main, ["status", "--local-api", "https://example.com"], {})
-    out, err = capsys.readouterr()
-    assert (code, out) == (2, "")
-    assert err == (
-        "conductord: error: --local-api / BAA_CONDUCTOR_LOCAL_API must be an http:// URL such as"
-        ' http://127.0.0.1:4317 (got "https://example.com")\n'
-    )
-
-
-def test_status_command_help(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run_status(capsys, ["--help"])
-    assert (code, err) == (0, "")
-    assert out.startswith("usage: conductord status [--local-api URL] [--json]")
 
 
 # ---------------------------------------------------------------------------------------------

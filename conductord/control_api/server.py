@@ -46,22 +46,22 @@ import socket
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import gevent
 from gevent.event import Event
 from gevent.pywsgi import WSGIHandler, WSGIServer, format_date_time
 
-from conductord.argparsing import ArgumentParser, UsageError, fail
-from conductord.config import (
-    given,
-    is_loopback_host,
-    parse_bool,
-    resolve_shared_token,
-    token_warnings,
-)
+from conductord.argparsing import UsageError, fail
+from conductord.config import ConfigError
 from conductord.control_api.app import SOCKET_ENVIRON_KEY, ControlApiApp
+from conductord.control_api.settings import (
+    ServerSettings,
+    parse_args,
+    resolve_settings,
+    settings_warnings,
+    usage_text,
+)
 from conductord.control_api.store import (
     Store,
     StoreError,
@@ -69,142 +69,9 @@ from conductord.control_api.store import (
     dsn_secrets,
     open_store,
 )
-from conductord.control_api.waiters import DEFAULT_MAX_WAITERS
-from conductord.logs import LEVELS, configure
+from conductord.logs import configure
 
-DEFAULT_LISTEN = "127.0.0.1:8787"
-DEFAULT_DB = "./conductord-control.sqlite3"
 STOP_GRACE_SEC = 1.0  # answers take milliseconds; idle keep-alive peers need not be awaited
-
-USAGE = """\
-usage: conductord control-api [--listen HOST:PORT] [--db PATH]
-                              [--shared-token T | --shared-token-file F] [--log-level LEVEL]
-                              [--max-waiters N] [--no-long-poll]
-
-Run the reference Control API (SQLite, WAL). Precedence: default < environment < flag.
-  --listen HOST:PORT         BAA_CONTROL_API_LISTEN   default 127.0.0.1:8787
-  --db PATH                  BAA_CONTROL_API_DB       default ./conductord-control.sqlite3
-                             or postgresql://USER@HOST:PORT/DB (needs conductord[postgres];
-                             keep the password in PGPASSWORD or ~/.pgpass, not in argv)
-  --shared-token T           BAA_SHARED_TOKEN         bearer token clients must send
-  --shared-token-file F      BAA_SHARED_TOKEN_FILE    file holding the token (stripped)
-  --log-level LEVEL          BAA_LOG_LEVEL            debug, info, warning, error (info)
-  --max-waiters N            BAA_CONTROL_API_MAX_WAITERS  parked wait_ms acquires (1000)
-  --no-long-poll             BAA_CONTROL_API_LONG_POLL=0  ignore wait_ms, answer at once
-Without a token the server accepts any request, and it refuses a non-loopback --listen.
-SIGTERM or SIGINT stops it (exit 0); a configuration error exits 2."""
-
-
-class _ConfigProblems(Exception):
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = problems
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    host: str
-    port: int
-    db: str
-    token: str | None = field(default=None, repr=False)
-    token_file: str | None = None
-    log_level: str = "info"
-    max_waiters: int = DEFAULT_MAX_WAITERS
-    long_poll: bool = True
-
-    @property
-    def loopback(self) -> bool:
-        return is_loopback_host(self.host)
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """`HOST:PORT` or `[IPv6]:PORT` -> (host, port); raises ValueError."""
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise ValueError(text)
-        port_text = rest[1:]
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or ":" in host:
-            raise ValueError(text)
-    if not host or not port_text.isdigit() or int(port_text) > 65535:
-        raise ValueError(text)
-    return host, int(port_text)
-
-
-def resolve_settings(args: Any, env: Mapping[str, str]) -> ServerSettings:
-    """Merge default < env < flags and validate; raises `_ConfigProblems` with every problem."""
-    problems: list[str] = []
-    listen = given(args.listen) or given(env.get("BAA_CONTROL_API_LISTEN")) or DEFAULT_LISTEN
-    host, port = "", 0
-    try:
-        host, port = parse_listen(listen)
-    except ValueError:
-        problems.append(
-            "--listen / BAA_CONTROL_API_LISTEN must be HOST:PORT with a port 0-65535"
-            f' (got "{listen}")'
-        )
-    db = given(args.db) or given(env.get("BAA_CONTROL_API_DB")) or DEFAULT_DB
-
-    token, token_file = resolve_shared_token(
-        {"shared_token": args.shared_token, "shared_token_file": args.shared_token_file},
-        env,
-        problems,
-    )
-
-    log_level = (given(args.log_level) or given(env.get("BAA_LOG_LEVEL")) or "info").lower()
-    if log_level not in LEVELS:
-        problems.append(
-            f'--log-level / BAA_LOG_LEVEL must be one of {", ".join(LEVELS)} (got "{log_level}")'
-        )
-    max_waiters = _max_waiters(args, env, problems)
-    long_poll = _long_poll(args, env, problems)
-    if not problems and not token and not is_loopback_host(host):
-        problems.append(
-            f"refusing to listen on non-loopback address {host} without a shared token"
-            " (--shared-token-file / BAA_SHARED_TOKEN_FILE or --shared-token / BAA_SHARED_TOKEN)"
-        )
-    if problems:
-        raise _ConfigProblems(problems)
-    return ServerSettings(
-        host, port, db, token, token_file, log_level, max_waiters=max_waiters, long_poll=long_poll
-    )
-
-
-def _max_waiters(args: Any, env: Mapping[str, str], problems: list[str]) -> int:
-    text = given(args.max_waiters) or given(env.get("BAA_CONTROL_API_MAX_WAITERS"))
-    if text is None:
-        return DEFAULT_MAX_WAITERS
-    if len(text) <= 9 and text.isascii() and text.isdigit() and int(text) >= 1:
-        return int(text)
-    problems.append(
-        f'--max-waiters / BAA_CONTROL_API_MAX_WAITERS must be an integer >= 1 (got "{text}")'
-    )
-    return DEFAULT_MAX_WAITERS
-
-
-def _long_poll(args: Any, env: Mapping[str, str], problems: list[str]) -> bool:
-    if args.no_long_poll:
-        return False
-    text = (given(env.get("BAA_CONTROL_API_LONG_POLL")) or "1").lower()
-    enabled = parse_bool(text)
-    if enabled is not None:
-        return enabled
-    problems.append(
-        "--no-long-poll / BAA_CONTROL_API_LONG_POLL must be one of 1/0, true/false, yes/no,"
-        f' on/off (got "{text}")'
-    )
-    return True
-
-
-def settings_warnings(settings: ServerSettings) -> list[str]:
-    return token_warnings(
-        settings.token,
-        settings.token_file,
-        without_token="the Control API accepts unauthenticated requests",
-    )
-
 
 # Limits of the request header block, those of `http.client.parse_headers` (gevent's default):
 # 100 header lines of at most 64 KiB each (http.client counts the blank end line among its 100).
@@ -407,32 +274,19 @@ class _ErrorLog:
         pass
 
 
-def _parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="conductord control-api")
-    parser.add_argument("-h", "--help", action="store_true")
-    parser.add_argument("--listen")
-    parser.add_argument("--db")
-    parser.add_argument("--shared-token")
-    parser.add_argument("--shared-token-file")
-    parser.add_argument("--log-level")
-    parser.add_argument("--max-waiters")
-    parser.add_argument("--no-long-poll", action="store_true")
-    return parser
-
-
 def main(argv: list[str], env: Mapping[str, str]) -> int:
     """Run the server until SIGTERM/SIGINT. Returns the exit status (0, 1 or 2)."""
     try:
-        args = _parser().parse_args(argv)
+        args = parse_args(argv)
     except UsageError as err:
         return fail(str(err))
     if args.help:
-        sys.stdout.write(USAGE + "\n")
+        sys.stdout.write(usage_text() + "\n")
         sys.stdout.flush()
         return 0
     try:
         settings = resolve_settings(args, env)
-    except _ConfigProblems as err:
+    except ConfigError as err:
         for problem in err.problems:
             fail(problem)
         return 2
