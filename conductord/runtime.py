@@ -151,7 +151,7 @@ class Runtime:
         self.instance_id = self.instance.instance_id
         self.one_shot = one_shot
         self.client = client or ControlApiClient(
-            config.control_api_base,
+            config.control_api_bases,
             token=config.shared_token,
             timeout_ms=config.request_timeout_ms,
         )
@@ -246,7 +246,9 @@ class Runtime:
             "loops": {name: self._loop_alive(name) for name in ("heartbeat", "lease")},
             "paths": cfg.paths.as_dict(),
             "control_api": {
-                "base_url": cfg.control_api_base,
+                # The URL in use (SPEC §17) and every URL given.
+                "base_url": getattr(self.client, "base_url", cfg.control_api_bases[0]),
+                "base_urls": list(cfg.control_api_bases),
                 "local_api_base": cfg.local_api_base,
                 "has_shared_token": cfg.has_shared_token,
                 "uses_placeholder_token": cfg.uses_placeholder_token,

@@ -194,6 +194,15 @@ class RuntimeCollector(Collector):
             "failed heartbeat calls",
             value=rt.heartbeat_failures_total,
         )
+        per_url = CounterMetricFamily(
+            "conductord_control_api_calls",
+            "Control API calls by base URL and outcome (ok; error; moved: refused before"
+            " the request was sent, so the call went on to the next URL)",
+            labels=["base_url", "outcome"],
+        )
+        for (base_url, outcome), count in sorted(rt.client.call_counts().items()):
+            per_url.add_metric([base_url, outcome], count)
+        yield per_url
         transitions = CounterMetricFamily(
             "conductord_lease_transitions",
             "lease state transitions by from/to state",
@@ -248,6 +257,11 @@ class _App:
             extra.append(("Allow", _ALLOW))
         else:
             try:
+                # A step-down that is due is applied before anything is read: after a system
+                # sleep, gevent's timers fire late (see runtime.Runtime.refresh).
+                refresh = getattr(self._runtime, "refresh", None)
+                if refresh is not None:
+                    refresh()
                 code, ctype, body = route(environ)
             except Exception as exc:  # a bug here must not take the daemon's hub down
                 self._runtime.log.error(
@@ -306,7 +320,8 @@ def make_app(runtime: Any) -> WsgiApp:
 
     `runtime` needs: `snapshot()`, `config`, `machine`, `clock()`, `loop_progress`,
     `stop_requested` (an Event), `transitions_total`, `renew_failures_total`,
-    `heartbeat_failures_total`, `last_renew_at` and `log`.
+    `heartbeat_failures_total`, `last_renew_at`, `log`, `client.call_counts()`, and optionally
+    `refresh()` (called before each answer).
     """
     return _App(runtime)
 

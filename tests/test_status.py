@@ -83,6 +83,20 @@ class RecordingLog:
         return [fields for _, name, fields in self.events if name == event]
 
 
+class FakeClient:
+    """The client's per-URL call counts (SPEC §17), as `/metrics` reads them."""
+
+    def __init__(self) -> None:
+        self.counts = {
+            (url, outcome): 0
+            for url in ("http://127.0.0.1:9", "http://127.0.0.2:9")
+            for outcome in ("ok", "error", "moved")
+        }
+
+    def call_counts(self) -> dict[tuple[str, str], int]:
+        return dict(self.counts)
+
+
 class FakeRuntime:
     """What the status endpoint reads of `runtime.Runtime`, with a fake monotonic clock."""
 
@@ -108,6 +122,7 @@ class FakeRuntime:
         self.log = RecordingLog()
         self.stop_requested = Event()
         self.broken = False
+        self.client = FakeClient()
 
     def clock(self) -> float:
         return self.now
@@ -410,7 +425,10 @@ def test_metrics_read_the_runtime_at_scrape_time(
     assert "conductord_lease_term" not in first  # unknown until the first lease answer
     assert "conductord_last_heartbeat_timestamp_seconds" not in first
     assert "conductord_lease_transitions_total" not in first
+    calls = first["conductord_control_api_calls_total"]
+    assert len(calls) == 6 and set(calls.values()) == {0.0}
 
+    runtime.client.counts[("http://127.0.0.2:9", "moved")] = 3
     runtime.become_leader(term=7)
     runtime.loops_ran()
     runtime.now += 0.5
@@ -432,6 +450,8 @@ def test_metrics_read_the_runtime_at_scrape_time(
     assert second["conductord_lease_transitions_total"] == {
         (("from_state", "standby"), ("to_state", "leader")): 1.0
     }
+    moved = (("base_url", "http://127.0.0.2:9"), ("outcome", "moved"))
+    assert second["conductord_control_api_calls_total"][moved] == 3.0
 
     runtime.fail_renewals(2)
     third = scrape(server.url)
