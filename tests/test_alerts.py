@@ -311,6 +311,7 @@ def start_prometheus(root: Path, targets: dict[str, str]) -> tuple[subprocess.Po
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory) -> Iterator[Fleet]:
+    tool("prometheus", "prometheus")  # fail or skip before starting anything
     root = tmp_path_factory.mktemp("alerts")
     token = f"alerts-{os.urandom(8).hex()}"
     node_url = f"http://127.0.0.1:{free_port()}"
