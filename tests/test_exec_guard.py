@@ -5,7 +5,7 @@ non-blocking `flock` on one shared file (the kernel reports any overlap) and not
 to them in a record file. Waits are bounded and end on the event itself: a status line, an
 output line, or the process's exit (a pidfd on Linux).
 
-The helpers here (`child_command`, `Records`, `wait_gone`) are shared with
+The helpers here (`make_child`, `alive`, `wait_gone`) are shared with
 tests/test_exec_supervisor.py.
 """
 
@@ -120,8 +120,7 @@ class Records:
         return [record for record in self.all() if record["event"] == event]
 
 
-@pytest.fixture
-def child(tmp_path: Path):
+def make_child(tmp_path: Path):
     """`child(**options)` -> argv of a test command; `.records`, `.lock` for its results."""
     script = tmp_path / "child.py"
     script.write_text(CHILD_SOURCE)
@@ -138,7 +137,15 @@ def child(tmp_path: Path):
     return make
 
 
+@pytest.fixture
+def child(tmp_path: Path):
+    return make_child(tmp_path)
+
+
 def alive(pid: int) -> bool:
+    """True while the process runs; a zombie (dead, not yet reaped) is not alive."""
+    if hasattr(os, "pidfd_open"):
+        return not wait_gone(pid, 0)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -158,11 +165,14 @@ def wait_gone(pid: int, timeout: float) -> bool:
         finally:
             os.close(fd)
     end = time.monotonic() + timeout
-    while alive(pid):
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
         if time.monotonic() >= end:
             return False
         time.sleep(0.01)
-    return True
 
 
 class GuardProcess:
