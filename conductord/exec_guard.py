@@ -202,9 +202,14 @@ class Guard:
                 return
             run.term_at = now
             kill_group(run.pid, signal.SIGTERM)
-        elif not run.killed and now >= run.term_at + self.grace:
+        if not run.killed and now >= self.kill_at(run):
             run.killed = True
             kill_group(run.pid, signal.SIGKILL)
+
+    def kill_at(self, run):
+        # The grace never runs past deadline + grace (250 ms before the lease could be granted
+        # elsewhere): a guard that wakes late, after a system sleep or a pause, kills at once.
+        return min(run.term_at, self.deadline) + self.grace
 
     def timeout(self, now):
         targets = []
@@ -212,7 +217,7 @@ class Guard:
             targets.append(self.deadline)
         run = self.run
         if run is not None and run.term_at is not None and not run.killed:
-            targets.append(run.term_at + self.grace)
+            targets.append(self.kill_at(run))
         at = min(targets) if targets else None
         cap = TIMERFD_CAP_S if self.timer_fd is not None else POLL_CAP_S
         if run is not None and (run.status is not None or run.killed):

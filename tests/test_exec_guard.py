@@ -458,3 +458,21 @@ def _fdinfo(pid: int, fd: int) -> dict[str, str]:
 def _ppid(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def test_a_guard_that_wakes_late_skips_the_grace(guards, child) -> None:
+    # The guard frozen past deadline + grace (a system sleep, a pause): the SIGKILL that was
+    # due 250 ms before the lease end goes out at once on waking, not one grace later.
+    grace = 3.0
+    deadline = lease_clock() + 0.5
+    guard = guards(child(ignore_term=True), deadline=deadline, grace=grace)
+    pid = guard.started()
+    guard.proc.send_signal(signal.SIGSTOP)
+    try:
+        assert guard.status(timeout=deadline + grace + 0.3 - lease_clock()) is None
+    finally:
+        guard.proc.send_signal(signal.SIGCONT)
+    woke = lease_clock()
+    assert wait_gone(pid, 2 * grace)
+    assert lease_clock() - woke < 1.0
+    assert guard.expect("exited")[1:3] == ["signal", str(int(signal.SIGKILL))]
