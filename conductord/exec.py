@@ -11,10 +11,11 @@ Interface for the runtime (every call from a greenlet of the daemon's hub; only 
         After every successful lease cycle that leaves this node leader with the scheduler
         enabled, from `conductor.started` on (the start sequence's own acquire waits for it).
         `valid_until` is the machine's local step-down deadline (send time + TTL − margin) and
-        `lease_end` is send time + TTL, both `clock.lease_clock()` seconds: the runtime's clock
-        must be `lease_clock`, the one the guard reads. Starts the command (a new guard) or
-        moves the guard's kill deadline; a new term stops the old group before the new one
-        starts. Ignored after `stop` and when `valid_until` has already passed.
+        `lease_end` is send time + TTL (= `valid_until + machine.margin_s`), both
+        `clock.lease_clock()` seconds: the runtime's clock must be `lease_clock`, the one the
+        guard reads. Starts the command (a new guard) or moves the guard's kill deadline; a
+        new term stops the old group before the new one starts. Ignored after `stop`; a
+        `valid_until` already passed counts as `lose("deadline")`.
     sup.lose(reason)
         On every transition out of leader, at once: "leadership_lost" (another holder, the
         failure threshold, an identity conflict), "deadline" (the local deadline passed, or a
