@@ -83,6 +83,7 @@ from chaos_check import (
     EnabledIndex,
     PollRecord,
     child_log,
+    episodes,
     leaderless,
     proven_overlaps,
     summary,
@@ -297,14 +298,15 @@ class ControlApiRunner:
         self.offset_s += step_s
         write_offset(self.stamp_file, self.offset_s)
 
-    def count_events(self) -> dict[str, int]:
-        counts: Counter[str] = Counter()
-        for proc in self.procs:
-            for event in proc.snapshot_events():
-                name = event.get("event")
-                if name in ("lease.granted", "lease.takeover", "lease.instance_conflict"):
-                    counts[name] += 1
-        return dict(counts)
+    def lease_events(self) -> list[dict[str, Any]]:
+        """The server's holder changes (grants, takeovers, conflicts) as it logged them."""
+        names = ("lease.granted", "lease.takeover", "lease.instance_conflict")
+        return [
+            event
+            for proc in self.procs
+            for event in proc.snapshot_events()
+            if event.get("event") in names
+        ]
 
     def close(self) -> None:
         for proc in self.procs:
@@ -584,6 +586,15 @@ def draw_fault(n: int, kind: str, rng: random.Random, ttl: float) -> Fault:
     return Fault(n, kind, pause, target, pick, params)
 
 
+def plan(args: argparse.Namespace) -> list[Fault]:
+    """The faults of a run: a replayed schedule, or `--faults` draws from `--seed`."""
+    if args.replay:
+        return args.replay
+    rng = random.Random(args.seed)
+    deck = Deck(args.kinds, rng)
+    return [draw_fault(n, deck.draw(), rng, float(args.ttl_sec)) for n in range(1, args.faults + 1)]
+
+
 class Nemesis:
     def __init__(
         self, args: argparse.Namespace, fleet: Fleet, api: ControlApiRunner, t0: float
@@ -596,15 +607,8 @@ class Nemesis:
         self.faults: list[Fault] = []
         self.unsettled = 0
 
-    def plan(self) -> list[Fault]:
-        if self.args.replay:
-            return self.args.replay
-        rng = random.Random(self.args.seed)
-        deck = Deck(self.args.kinds, rng)
-        return [draw_fault(n, deck.draw(), rng, self.ttl) for n in range(1, self.args.faults + 1)]
-
     def run(self, deadline: float) -> None:
-        for fault in self.plan():
+        for fault in plan(self.args):
             if time.monotonic() + fault.pause_s > deadline:
                 progress(f"time bound reached after {len(self.faults)} faults")
                 break
@@ -815,6 +819,22 @@ def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
 
     records = fleet.records()
     proofs = proven_overlaps(records)
+    overlap_episodes = episodes(proofs)
+    for episode in overlap_episodes:
+        episode["at_s"] = round(episode.pop("at") - t0, 3)
+    api_events = api.lease_events()
+    takeovers = [
+        {
+            "at_s": round(event["_seen_mono"] - t0, 3),
+            "term": event.get("term"),
+            "holder_id": event.get("holder_id"),
+            "previous_holder_id": event.get("previous_holder_id"),
+            "previous_term": event.get("previous_term"),
+            "expired_for_sec": event.get("expired_for_sec"),
+        }
+        for event in api_events
+        if event.get("event") == "lease.takeover"
+    ]
     index = EnabledIndex(records)
     faults = nemesis.faults
     failovers = []
@@ -848,6 +868,7 @@ def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
         "faults_injected": len(faults),
         "faults_by_kind": {kind: by_kind.get(kind, 0) for kind in args.kinds},
         "two_scheduler_polls": len(proofs),
+        "overlap_episodes": len(overlap_episodes),
         "flock_overlaps": flock_overlaps,
         "stale_writes": stale_writes,
         "violations": violations,
@@ -869,7 +890,7 @@ def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
         "incarnations": len(records),
         "node_restarts": fleet.restarts,
         "api_starts": len(api.procs),
-        "api_lease_events": api.count_events(),
+        "api_lease_events": dict(Counter(event["event"] for event in api_events)),
         "api_clock_offset_s": round(api.offset_s, 3),
         "proxy": {
             "connections": sum(n.proxy.connections_total for n in fleet.nodes),
@@ -879,7 +900,12 @@ def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
         "child_log_lines": found.lines if exec_mode else None,
         "leftover_processes_killed": leftovers,
         "faketime": faketime,
-        "evidence": [p.as_dict(t0) for p in proofs[:EVIDENCE_CAP]] + found.evidence,
+        "evidence": {
+            "overlap_episodes": overlap_episodes[:EVIDENCE_CAP],
+            "proofs": [p.as_dict(t0) for p in proofs[:EVIDENCE_CAP]],
+            "children": found.evidence,
+            "api_takeovers": takeovers[-EVIDENCE_CAP:],
+        },
         "elapsed_s": round(time.monotonic() - began, 1),
         "loadavg_1m_at_start": load_before,
         "machine": machine_info(),
