@@ -56,6 +56,7 @@ import http.client
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -90,6 +91,8 @@ from chaos_check import (
 )
 from chaos_proxy import FaultProxy
 
+from conductord.lease import default_margin_s
+
 KINDS = (
     "node_kill",
     "node_pause",
@@ -108,12 +111,18 @@ FAKETIME_LIBS = (
     "/usr/local/lib/faketime/libfaketimeMT.so.1",
 )
 HEARTBEAT_MS = 1000
-EXEC_STOP_GRACE_MS = 500  # + 250 ms must fit the step-down margin (SPEC §14)
+EXEC_STOP_GRACE_MAX_MS = 500
 START_TIMEOUT_S = 20.0
 POLL_TIMEOUT_S = 0.5
 EVIDENCE_CAP = 10
 EXIT_VIOLATION = 1
 EXIT_USAGE = 2
+
+
+def exec_grace_ms(args: argparse.Namespace) -> int:
+    """A stop grace that satisfies SPEC §14's rule: grace + 250 ms <= the step-down margin."""
+    margin_ms = int(default_margin_s(args.renew_ms, args.ttl_sec) * 1000)
+    return min(EXEC_STOP_GRACE_MAX_MS, margin_ms - 250)
 
 
 class SetupError(Exception):
@@ -442,7 +451,7 @@ class Fleet:
         if a.children == "exec":
             child = [sys.executable, os.path.join(REPO_ROOT, "bench", "chaos_child.py")]
             child += ["--lock", self.child_lock, "--log", self.child_log]
-            argv += ["--exec", " ".join(child), "--exec-stop-grace-ms", str(EXEC_STOP_GRACE_MS)]
+            argv += ["--exec", shlex.join(child), "--exec-stop-grace-ms", str(exec_grace_ms(a))]
         return argv
 
     def spawn(self, node: Node) -> Incarnation:
@@ -655,7 +664,10 @@ class Nemesis:
             elif fault.kind == "api_kill":
                 self.api.kill()
                 time.sleep(p["restart_after_s"])
-                port = self.api.start()
+                try:
+                    port = self.api.start()
+                except SetupError:  # once more (a loaded machine); a second failure ends the run
+                    port = self.api.start()
                 for each in self.fleet.nodes:
                     each.proxy.set_upstream(port)
             elif fault.kind == "clock_step":
@@ -974,6 +986,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--nodes must be >= 2, --faults, --poll-ms and --ttl-sec >= 1")
     if args.request_timeout_ms >= args.ttl_sec * 1000:
         parser.error("--request-timeout-ms must be below --ttl-sec x 1000 (SPEC §3)")
+    if args.children == "exec" and exec_grace_ms(args) < 50:
+        parser.error("--children exec needs a step-down margin of >= 300 ms (raise --ttl-sec)")
     if args.max_seconds is None:
         args.max_seconds = 30.0 + 20.0 * args.faults
     return args

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Span:
     """Incarnation `key` answered enabled with `term` at both ends: [lo, hi] is covered."""
 
@@ -50,7 +50,7 @@ class Span:
     polls: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Enabled:
     """One poll answered "scheduler enabled"."""
 
@@ -114,7 +114,7 @@ class PollRecord:
         self._run = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Proof:
     key: str
     term: int | None
@@ -160,6 +160,33 @@ def proven_overlaps(records: Iterable[PollRecord]) -> list[Proof]:
                     )
                 i += 1
     return proofs
+
+
+def episodes(proofs: Iterable[Proof]) -> list[dict[str, Any]]:
+    """Proofs grouped by (node, term, other, other term): one episode each, with its length.
+
+    The length runs from the first to the last of the other's enabled answers inside the span,
+    so it is a lower bound of how long both were enabled.
+    """
+    grouped: dict[tuple[Any, ...], list[Proof]] = {}
+    for proof in proofs:
+        grouped.setdefault((proof.key, proof.term, proof.other, proof.other_term), []).append(proof)
+    found = []
+    for (key, term, other, other_term), group in grouped.items():
+        first = min(p.other_at[0] for p in group)
+        last = max(p.other_at[1] for p in group)
+        found.append(
+            {
+                "node": key,
+                "term": term,
+                "other": other,
+                "other_term": other_term,
+                "polls": len(group),
+                "at": first,
+                "seconds": round(last - first, 3),
+            }
+        )
+    return sorted(found, key=lambda e: e["at"])
 
 
 def leaderless(records: Iterable[PollRecord], start: float, end: float) -> tuple[float, float, int]:

@@ -351,3 +351,27 @@ def test_a_planted_bug_is_found_and_its_schedule_replays(tmp_path: Path) -> None
     assert replayed["replayed"] is True and replayed["violations"] > 0
     assert [e["kind"] for e in replayed["schedule"]] == [e["kind"] for e in schedule]
     assert [e["params"] for e in replayed["schedule"]] == [e["params"] for e in schedule]
+
+
+def conductord_has_exec() -> bool:
+    done = subprocess.run(
+        [sys.executable, "-m", "conductord", "start", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return "--exec" in done.stdout + done.stderr
+
+
+@pytest.mark.e2e
+def test_exec_children_never_overlap_or_write_a_stale_term(tmp_path: Path) -> None:
+    if not conductord_has_exec():
+        pytest.skip("this conductord has no --exec yet (SPEC §14); the test runs once it lands")
+    args = ["--seed", "2", "--faults", "7", "--nodes", "3", "--children", "exec"]
+    args += ["--kinds", ",".join(CI_KINDS), "--max-seconds", "120"]
+    code, result, stderr = run_chaos(args, tmp_path, timeout=200)
+    assert code == 0, (result.get("evidence"), stderr[-3000:])
+    assert result["flock_overlaps"] == result["stale_writes"] == result["two_scheduler_polls"] == 0
+    assert result["child_runs"] >= 1 and result["child_log_lines"] > result["child_runs"]
