@@ -761,6 +761,25 @@ def kill_children(pgids: set[int], workdir: str) -> int:
     return len(left)
 
 
+def transitions_near(incs: list[Incarnation], at: float, t0: float) -> list[dict[str, Any]]:
+    """The nodes' own `lease.transition` lines within 3 s of `at` (evidence of an episode)."""
+    found = []
+    for inc in incs:
+        for event in inc.proc.snapshot_events():
+            if event.get("event") == "lease.transition" and abs(event["_seen_mono"] - at) <= 3.0:
+                found.append(
+                    {
+                        "node": inc.key,
+                        "at_s": round(event["_seen_mono"] - t0, 3),
+                        "from": event.get("from_state"),
+                        "to": event.get("to_state"),
+                        "reason": event.get("reason"),
+                        "term": event.get("term"),
+                    }
+                )
+    return sorted(found, key=lambda t: t["at_s"])
+
+
 def read_lines(path: str) -> list[str]:
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
@@ -834,6 +853,13 @@ def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
     overlap_episodes = episodes(proofs)
     for episode in overlap_episodes:
         episode["at_s"] = round(episode.pop("at") - t0, 3)
+    by_key = {inc.key: inc for inc in fleet.incarnations()}
+    for episode in overlap_episodes[:EVIDENCE_CAP]:
+        episode["transitions"] = transitions_near(
+            [by_key[k] for k in (episode["node"], episode["other"]) if k in by_key],
+            episode["at_s"] + t0,
+            t0,
+        )
     api_events = api.lease_events()
     takeovers = [
         {
