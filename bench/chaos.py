@@ -38,8 +38,8 @@ stderr and carried in the JSON line (`schedule`; `--replay FILE` runs it again).
 seconds with no leader, failover times after faults that hit the leader, polls made.
 
 Output: one JSON line on stdout (fields in bench/README.md); progress on stderr. Every process
-is killed by process group on the way out, the children of `--exec` included (their groups are
-read from the child log, and any process naming the run's directory is killed too).
+is killed by process group on the way out, and so is anything still naming the run's directory
+on its command line (the `--exec` children and their guards, which live in groups of their own).
 
 Limits: the poll-based check misses overlaps shorter than a poll interval. A clock step reaches
 the Control API process only: with `--store postgres` the database clock decides expiry, so the
@@ -117,6 +117,12 @@ POLL_TIMEOUT_S = 0.5
 EVIDENCE_CAP = 10
 EXIT_VIOLATION = 1
 EXIT_USAGE = 2
+
+
+def exec_command(lock: str, log: str) -> str:
+    """The `--exec` value: the flock child, one lock and one log for the whole fleet."""
+    child = [sys.executable, os.path.join(REPO_ROOT, "bench", "chaos_child.py")]
+    return shlex.join([*child, "--lock", lock, "--log", log])
 
 
 def exec_grace_ms(args: argparse.Namespace) -> int:
@@ -340,6 +346,12 @@ class Incarnation:
         return self.record.key
 
 
+def send_signal(inc: Incarnation, signum: int) -> None:
+    """To a process we started and have not reaped (Popen checks, so a reused pid is safe)."""
+    with contextlib.suppress(ProcessLookupError):
+        inc.proc.proc.send_signal(signum)
+
+
 @dataclass
 class Node:
     index: int
@@ -449,9 +461,8 @@ class Fleet:
             self.workdir,  # also puts the run's directory on every node's command line
         ]
         if a.children == "exec":
-            child = [sys.executable, os.path.join(REPO_ROOT, "bench", "chaos_child.py")]
-            child += ["--lock", self.child_lock, "--log", self.child_log]
-            argv += ["--exec", shlex.join(child), "--exec-stop-grace-ms", str(exec_grace_ms(a))]
+            argv += ["--exec", exec_command(self.child_lock, self.child_log)]
+            argv += ["--exec-stop-grace-ms", str(exec_grace_ms(a))]
         return argv
 
     def spawn(self, node: Node) -> Incarnation:
@@ -513,8 +524,7 @@ class Fleet:
         for node in self.nodes:
             node.proxy.heal()
             for inc in node.incarnations:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(inc.proc.pid, signal.SIGCONT)
+                send_signal(inc, signal.SIGCONT)
                 inc.proc.kill_group()
             node.proxy.close()
 
@@ -685,8 +695,7 @@ class Nemesis:
         if inc is None:
             return None
         inc.killed_at = time.monotonic()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(inc.proc.pid, signal.SIGKILL)  # the daemon only: its --exec guard must cope
+        send_signal(inc, signal.SIGKILL)  # the daemon only: its --exec guard must cope
         inc.proc.wait_exit(timeout=5)
         time.sleep(restart_after_s)
         self.fleet.restarts += 1
@@ -698,11 +707,10 @@ class Nemesis:
             return
         node.paused = True
         try:
-            os.kill(inc.proc.pid, signal.SIGSTOP)
+            send_signal(inc, signal.SIGSTOP)
             time.sleep(pause_s)
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(inc.proc.pid, signal.SIGCONT)
+            send_signal(inc, signal.SIGCONT)
             node.paused = False
 
     @staticmethod
@@ -749,14 +757,19 @@ def leftover_pids(marker: str) -> list[int]:
     return found
 
 
-def kill_children(pgids: set[int], workdir: str) -> int:
-    """The --exec children's groups (read from their log), then anything naming the run dir."""
-    for pgid in pgids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
+def kill_leftovers(workdir: str) -> int:
+    """Kill what still names the run's directory: `--exec` children and guards, with their groups.
+
+    Every process of the run has the directory on its command line (the nodes' --runs-dir, the
+    children's --lock), so this reaches only processes this run started.
+    """
     left = leftover_pids(workdir)
+    own_group = os.getpgid(0)
     for pid in left:
         with contextlib.suppress(ProcessLookupError, PermissionError):
+            pgid = os.getpgid(pid)
+            if pgid != own_group:
+                os.killpg(pgid, signal.SIGKILL)
             os.kill(pid, signal.SIGKILL)
     return len(left)
 
@@ -846,7 +859,7 @@ def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
             fleet.close()
         api.close()
         found = child_log(read_lines(os.path.join(workdir, "children.log")), t0_wall=t0_wall)
-        leftovers = kill_children(found.pgids, workdir)
+        leftovers = kill_leftovers(workdir)
 
     records = fleet.records()
     proofs = proven_overlaps(records)

@@ -264,7 +264,6 @@ class ChildFindings:
     stale_writes: int = 0
     bad_lines: int = 0
     max_term: int | None = None
-    pgids: set[int] = field(default_factory=set)
     evidence: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -282,8 +281,6 @@ def child_log(lines: Iterable[str], *, t0_wall: float, evidence_cap: int = 10) -
             found.bad_lines += 1
             continue
         found.lines += 1
-        if isinstance(line.get("pgid"), int):
-            found.pgids.add(line["pgid"])
         shown = {
             "event": event,
             "node": line.get("node"),

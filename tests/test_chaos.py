@@ -23,6 +23,7 @@ import http.client
 import http.server
 import json
 import os
+import shlex
 import socketserver
 import subprocess
 import sys
@@ -120,8 +121,63 @@ def test_child_log_counts_overlaps_and_lower_terms_after_higher() -> None:
     text = [json.dumps({**line, "t": 100.0, "pid": 7, "pgid": 7}) for line in lines] + ["junk"]
     found = chaos_check.child_log(text, t0_wall=100.0)
     assert (found.flock_overlaps, found.stale_writes, found.runs) == (1, 1, 2)
-    assert found.bad_lines == 1 and found.pgids == {7} and found.max_term == 2
+    assert found.bad_lines == 1 and found.max_term == 2
     assert [e["finding"] for e in found.evidence] == ["flock_overlap", "stale_write"]
+
+
+def start_child(tmp_path: Path, node: str, term: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "CONDUCTORD_NODE_ID": node, "CONDUCTORD_TERM": str(term)}
+    child = [sys.executable, str(BENCH / "chaos_child.py"), "--tick-ms", "10"]
+    child += ["--lock", str(tmp_path / "lock"), "--log", str(tmp_path / "log")]
+    return subprocess.Popen(child, env=env, start_new_session=True)
+
+
+def wait_for_line(path: Path, text: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"no {text!r} in {path}")
+
+
+def test_the_flock_child_reports_a_second_singleton_and_its_stale_writes(tmp_path: Path) -> None:
+    old = start_child(tmp_path, "a", 1)
+    try:
+        wait_for_line(tmp_path / "log", '"event":"tick"')
+        new = start_child(tmp_path, "b", 2)  # a new leader's child while the old one still runs
+        try:
+            wait_for_line(tmp_path / "log", '"event":"overlap"')
+            time.sleep(0.05)  # the old child writes on: stale writes
+            old.terminate()
+            assert old.wait(timeout=10) == 0
+            wait_for_line(tmp_path / "log", '"node":"b","term":2,')
+            time.sleep(0.05)
+        finally:
+            new.terminate()
+            assert new.wait(timeout=10) == 0
+    finally:
+        old.kill()
+        old.wait(timeout=10)
+    lines = (tmp_path / "log").read_text().splitlines()
+    found = chaos_check.child_log(lines, t0_wall=0.0)
+    assert found.flock_overlaps == 1 and found.stale_writes >= 1 and found.runs == 2
+    assert found.bad_lines == 0 and found.max_term == 2
+    assert [json.loads(line)["event"] for line in lines].count("exit") == 2
+
+
+def test_exec_mode_hands_the_child_its_command_line_and_a_grace_inside_the_margin(
+    tmp_path: Path,
+) -> None:
+    args = chaos.parse_args(["--children", "exec"])
+    assert chaos.exec_grace_ms(args) == 500  # + 250 ms <= the 1 s margin of TTL 2 s, renew 250
+    short = chaos.parse_args(
+        ["--children", "exec", "--ttl-sec", "1", "--request-timeout-ms", "500"]
+    )
+    assert chaos.exec_grace_ms(short) == 250  # margin 0.5 s: half the TTL
+    lock, log = str(tmp_path / "with space" / "lock"), str(tmp_path / "log")
+    command = shlex.split(chaos.exec_command(lock, log))  # as conductord splits --exec
+    assert command == [sys.executable, str(BENCH / "chaos_child.py"), "--lock", lock, "--log", log]
 
 
 def test_leaderless_time_counts_from_the_first_leader() -> None:
