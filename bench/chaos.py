@@ -1034,6 +1034,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the `finally:` blocks kill every process of the run.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         if args.replay:
             args.replay = load_replay(args.replay)

@@ -24,6 +24,7 @@ import http.server
 import json
 import os
 import shlex
+import signal
 import socketserver
 import subprocess
 import sys
@@ -329,15 +330,21 @@ def leftover_processes(tmp_path: Path) -> list[int]:
 def run_chaos(args: list[str], tmp_path: Path, timeout: float) -> tuple[int, dict[str, Any], str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BAA_")}
     env["TMPDIR"] = str(tmp_path)
-    done = subprocess.run(
-        [sys.executable, str(BENCH / "chaos.py"), *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    try:
+        done = subprocess.run(
+            [sys.executable, str(BENCH / "chaos.py"), *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        for pid in leftover_processes(tmp_path):  # the harness was killed: its fleet was not
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        raise
     lines = done.stdout.splitlines()
     assert len(lines) == 1, (
         f"stdout must be one JSON line: {done.stdout[:1000]!r} {done.stderr[-2000:]}"
