@@ -58,6 +58,8 @@ import os
 import random
 import shlex
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -366,6 +368,15 @@ class Node:
         return self.incarnations[-1] if self.incarnations else None
 
 
+def abandon(conn: http.client.HTTPConnection) -> None:
+    """Close with RST: a paused node then finds the polls it missed already dead when it wakes,
+    instead of answering each of them before the one that is still waiting."""
+    if conn.sock is not None:
+        with contextlib.suppress(OSError):
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
 class Poller(threading.Thread):
     """Polls one incarnation's `/v1/status` every `interval_s` until stopped or it exits."""
 
@@ -398,7 +409,7 @@ class Poller(threading.Thread):
             except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
                 pass
             if not ok and conn is not None:
-                conn.close()
+                abandon(conn)
                 conn = None
             record.add(sent, time.monotonic(), ok, enabled, term)
             if not alive:
@@ -635,7 +646,8 @@ class Nemesis:
             self.inject(fault)
             self.faults.append(fault)
             progress(
-                f"fault {fault.n}: {fault.kind} {fault.node or fault.target} "
+                f"fault {fault.n}: {fault.kind} {fault.node or fault.target}"
+                f"{' (leader)' if fault.hit_leader else ''} "
                 f"{ {k: round(v, 2) for k, v in fault.params.items()} }"
                 + (f" ({fault.note})" if fault.note else "")
             )

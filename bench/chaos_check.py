@@ -165,8 +165,8 @@ def proven_overlaps(records: Iterable[PollRecord]) -> list[Proof]:
 def episodes(proofs: Iterable[Proof]) -> list[dict[str, Any]]:
     """Proofs grouped by (node, term, other, other term): one episode each, with its length.
 
-    The length runs from the first to the last of the other's enabled answers inside the span,
-    so it is a lower bound of how long both were enabled.
+    `seconds` runs from the first to the last of the other's enabled answers inside the node's
+    span: how long the other led while the node still claimed the lease (paused or not).
     """
     grouped: dict[tuple[Any, ...], list[Proof]] = {}
     for proof in proofs:
