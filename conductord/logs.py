@@ -111,7 +111,10 @@ def configure(
             structlog.processors.JSONRenderer(serializer=_dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stdout),
+        # One write per line, message and newline together (print() writes them apart when
+        # stdout is unbuffered or the line is long), so a log rotation between two writes can
+        # never cut a line in two for the shipper tailing the file.
+        logger_factory=structlog.WriteLoggerFactory(file=stream or sys.stdout),
         cache_logger_on_first_use=False,
     )
     return structlog.get_logger().bind(**bound)

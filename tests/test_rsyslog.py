@@ -85,12 +85,9 @@ def rsyslogd() -> str:
 
 
 def node_env(token: str) -> dict[str, str]:
-    """The node's environment: no PYTHONUNBUFFERED, as in the shipped supervisord and launchd
-    files. With it, Python writes each line and its newline in two writes, and a rotation
-    between them cuts the line (see test_every_log_line_is_one_write)."""
-    env = clean_env(BAA_SHARED_TOKEN=token)
-    env.pop("PYTHONUNBUFFERED", None)
-    return env
+    """The node's environment, token in the variable (each line is one write whatever
+    PYTHONUNBUFFERED says: see test_every_log_line_is_one_write)."""
+    return clean_env(BAA_SHARED_TOKEN=token)
 
 
 def long_path_args(root: Path) -> list[str]:
@@ -497,12 +494,6 @@ def test_rsyslog_ships_transition_lines_above_its_default_message_size(shipping:
     assert min(len(line) for line in long_lines) > DEFAULT_MAX_MESSAGE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="conductord/logs.py logs with structlog's PrintLogger: print() writes the line and "
-    "its newline in two writes when PYTHONUNBUFFERED is set or the line exceeds 8 KiB; "
-    "structlog.WriteLoggerFactory writes message + newline at once",
-)
 @pytest.mark.parametrize("case", ["PYTHONUNBUFFERED=1", "a line over 8 KiB"])
 def test_every_log_line_is_one_write(tmp_path, control_api, case):
     """supervisord rotates after a write: a line that arrives in two writes can be cut across
