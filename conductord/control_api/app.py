@@ -13,25 +13,31 @@ Routes:
   GET  /v1/controllers             the controllers with seconds since their last heartbeat
   GET  /healthz                    liveness of the app and its store; needs no token
 
-Bodies are validated by the `wire` schemas; a valid body is loaded by `FastLoader`, built from
-the same schema fields, and only a body it does not plainly accept goes through marshmallow
-(which then words the 400), so the hot requests skip most of marshmallow's cost while every
-accept/reject decision and message stays the schema's.
+Every body goes through its `wire` schema (`schema.load`). Before that the JSON itself must be
+plain: valid UTF-8, no NaN or Infinity, no float that overflows, no integer outside the signed
+64-bit range (a store column could not hold it), no string with a lone surrogate (not Unicode:
+SPEC §9), not nested past the parser's recursion limit. Each of these, and every other client
+fault, is a 400 (413 past the size cap) envelope, logged once as an `http.bad_request` warning,
+rate-limited; never a 500 or a traceback.
 
 Auth is a bearer token compared in constant time (`hmac.compare_digest`); without a configured
 token every request is accepted (the server refuses that off loopback). Bodies are capped at
 64 KiB: a larger Content-Length is refused before reading, and reads are capped as well (a
-chunked body has no length up front).
+chunked body has no length up front). Behind `httpserver.LimitedWSGIServer` the server's guard
+has read and checked the body before the app runs and hands refusals to `reject`, which
+answers them as envelopes too.
 
 Wait-for-lease (SPEC §12): an acquire with `wait_ms` > 0 that finds the lease held by another
 controller is parked in `waiters.LeaseWaiters` until a release or a grant wakes it, the lease
 expires, or `wait_ms` passes; each wake costs one more store transaction, decided by the same
-rules as any acquire. Past `max_waiters` parked requests the answer is 429 `too_many_waiters`.
+rules as any acquire. Past `max_waiters` parked requests, or `max_waiters_per_controller` for
+one controller id, or `max_waiters_per_address` from one client address (defaults in
+`waiters`), the answer is 429 `too_many_waiters`.
 `long_poll=False` ignores `wait_ms` (answers at once, as §12 allows), for benchmarks. A store
 with a `watch(callback)` method (one shared by several server processes) gets
 `LeaseWaiters.wake_all` at construction, so a change made by another process wakes our waiters.
-The server finds out whether a parked client is still connected through the accepted socket it
-puts in the environ under `SOCKET_ENVIRON_KEY` (absent: assumed connected).
+The server finds out whether a parked client is still connected through the accepted socket the
+server puts in the environ under `SOCKET_ENVIRON_KEY` (absent: assumed connected).
 
 Logs: lease grants, takeovers after expiry, releases and auth failures at info/warning, and
 `lease.waiters_full` (a 429) at warning; renewals, denials, each request and each finished wait
@@ -54,18 +60,27 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from marshmallow import EXCLUDE, ValidationError, fields, missing
+from marshmallow import ValidationError
 
-from conductord import wire
+from conductord import httpserver, wire
 from conductord.control_api.rules import AcquireDecision, LeaseRow, ReleaseDecision
 from conductord.control_api.store import ControllerRow, Store, StoreError
-from conductord.control_api.waiters import DEFAULT_MAX_WAITERS, LeaseWaiters, TooManyWaiters
+from conductord.control_api.waiters import (
+    DEFAULT_MAX_PER_ADDRESS,
+    DEFAULT_MAX_PER_CONTROLLER,
+    DEFAULT_MAX_WAITERS,
+    LeaseWaiters,
+    TooManyWaiters,
+)
 from conductord.logs import get_logger
 
 MAX_BODY_BYTES = 64 * 1024
 
 # Where the server puts the accepted socket, so a parked request can tell its client left.
-SOCKET_ENVIRON_KEY = "conductord.socket"
+SOCKET_ENVIRON_KEY = httpserver.SOCKET_ENVIRON_KEY
+
+# What a store column (SQLite INTEGER, PostgreSQL bigint) can hold.
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
 
 StartResponse = Callable[..., Any]
 
@@ -78,6 +93,7 @@ _REASONS = {
     200: "OK",
     400: "Bad Request",
     401: "Unauthorized",
+    408: "Request Timeout",
     404: "Not Found",
     405: "Method Not Allowed",
     413: "Content Too Large",
@@ -186,12 +202,20 @@ class ControlApiApp:
         log: Any = None,
         long_poll: bool = True,
         max_waiters: int = DEFAULT_MAX_WAITERS,
+        max_waiters_per_controller: int = DEFAULT_MAX_PER_CONTROLLER,
+        max_waiters_per_address: int = DEFAULT_MAX_PER_ADDRESS,
     ) -> None:
         self._store = store
         self._token = token.encode("utf-8") if token else None
         self._log = log if log is not None else get_logger()
+        self._client_faults = httpserver.RateLimitedLog(self._log)
         self.long_poll = long_poll
-        self.waiters = LeaseWaiters(max_waiters=max_waiters, clock=store.now)
+        self.waiters = LeaseWaiters(
+            max_waiters=max_waiters,
+            max_per_controller=max_waiters_per_controller,
+            max_per_address=max_waiters_per_address,
+            clock=store.now,
+        )
         watch = getattr(store, "watch", None)
         if watch is not None:
             watch(self.waiters.wake_all)
@@ -208,10 +232,6 @@ class ControlApiApp:
         self._heartbeat_schema = wire.HeartbeatRequestSchema()
         self._acquire_schema = wire.AcquireRequestSchema()
         self._release_schema = wire.ReleaseRequestSchema()
-        self._fast_loaders = {
-            id(schema): FastLoader.build(schema)
-            for schema in (self._heartbeat_schema, self._acquire_schema, self._release_schema)
-        }
 
     def close(self) -> None:
         """Answer every parked acquire now and park no more; call before stopping the server."""
@@ -221,23 +241,66 @@ class ControlApiApp:
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
         started = time.perf_counter()
-        method = environ.get("REQUEST_METHOD", "GET").upper()
-        path = environ.get("PATH_INFO", "") or "/"
-        request = Request(environ, method, path, _request_id(environ))
-        headers: list[tuple[str, str]] = []
+        request = _request(environ)
         try:
-            status, body = 200, wire.success_envelope(self._dispatch(request), request.request_id)
+            status, headers = 200, []
+            body = wire.success_envelope(self._dispatch(request), request.request_id)
         except HttpError as err:
-            status, headers = err.status, err.headers
-            body = wire.error_envelope(err.code, err.message, request.request_id, err.details)
+            status, headers, body = self._refusal(request, err)
         except Exception:
-            status = 500
+            status, headers = 500, []
             self._log.exception(
-                "http.error", method=method, path=path, request_id=request.request_id
+                "http.error",
+                method=request.method,
+                path=request.path,
+                request_id=request.request_id,
             )
             body = wire.error_envelope(
                 "internal_error", "internal server error", request.request_id
             )
+        return self._respond(request, start_response, status, headers, body, started)
+
+    def reject(
+        self,
+        environ: dict[str, Any],
+        start_response: StartResponse,
+        problem: httpserver.RequestProblem,
+    ) -> list[bytes]:
+        """Answer a request the server's guard refused before dispatch (bad framing or body)."""
+        started = time.perf_counter()
+        request = _request(environ)
+        error = HttpError(
+            problem.status, problem.code, problem.message, headers=[("Connection", "close")]
+        )
+        status, headers, body = self._refusal(request, error)
+        return self._respond(request, start_response, status, headers, body, started)
+
+    def _refusal(
+        self, request: Request, err: HttpError
+    ) -> tuple[int, list[tuple[str, str]], dict[str, Any]]:
+        if err.status in (400, 408, 413):  # the client's fault: once, as a warning, no traceback
+            self._client_faults.warning(
+                "http.bad_request",
+                status=err.status,
+                error=err.code,
+                message=err.message,
+                method=request.method,
+                path=request.path,
+                remote_addr=request.environ.get("REMOTE_ADDR"),
+                request_id=request.request_id,
+            )
+        body = wire.error_envelope(err.code, err.message, request.request_id, err.details)
+        return err.status, err.headers, body
+
+    def _respond(
+        self,
+        request: Request,
+        start_response: StartResponse,
+        status: int,
+        headers: list[tuple[str, str]],
+        body: dict[str, Any],
+        started: float,
+    ) -> list[bytes]:
         payload = _ENCODER.encode(body).encode("utf-8")
         start_response(
             f"{status} {_REASONS.get(status, 'Error')}",
@@ -251,8 +314,8 @@ class ControlApiApp:
         )
         self._log.debug(
             "http.request",
-            method=method,
-            path=path,
+            method=request.method,
+            path=request.path,
             status=status,
             request_id=request.request_id,
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
@@ -311,12 +374,6 @@ class ControlApiApp:
 
     def _load(self, request: Request, schema: Any) -> dict[str, Any]:
         document = _read_json(request.environ)
-        fast = self._fast_loaders.get(id(schema))
-        if fast is not None:
-            loaded = fast(document)
-            if loaded is not None:
-                return loaded
-        # Invalid (or unusual) bodies go through marshmallow, which words the 400 details.
         try:
             return schema.load(document)
         except ValidationError as err:
@@ -326,6 +383,11 @@ class ControlApiApp:
                 "invalid_request",
                 f"invalid fields: {fields}" if fields else "invalid request body",
                 details=err.messages,
+            ) from None
+        except (RecursionError, OverflowError, ValueError, TypeError) as exc:
+            # A validator that cannot cope with a value: the body's fault, not ours.
+            raise HttpError(
+                400, "invalid_request", "invalid request body", details={"body": [str(exc)]}
             ) from None
 
     # -- handlers --------------------------------------------------------------------------
@@ -366,20 +428,28 @@ class ControlApiApp:
                 lambda: self._acquire_lease(body),
                 wait_s=wait_ms / 1000.0,
                 connected=lambda: _client_connected(request.environ),
+                controller_id=body["controller_id"],
+                address=request.environ.get("REMOTE_ADDR"),
             )
         except TooManyWaiters as exc:
-            self._log.warning(
+            self._client_faults.warning(
                 "lease.waiters_full",
                 controller_id=body["controller_id"],
-                max_waiters=exc.max_waiters,
+                scope=exc.scope,
+                max_waiters=exc.limit,
+                remote_addr=request.environ.get("REMOTE_ADDR"),
                 request_id=request.request_id,
+            )
+            details = (
+                {"max_waiters": exc.limit}
+                if exc.scope == "server"
+                else {"max_waiters": exc.limit, "scope": exc.scope}
             )
             raise HttpError(
                 429,
                 "too_many_waiters",
-                f"{exc.max_waiters} requests are already waiting for the lease;"
-                " retry later or without wait_ms",
-                details={"max_waiters": exc.max_waiters},
+                f"{exc}; retry later or without wait_ms",
+                details=details,
                 headers=[("Retry-After", "1")],
             ) from None
         self._log.debug(
@@ -478,94 +548,18 @@ class ControlApiApp:
             )
 
 
+def _request(environ: Mapping[str, Any]) -> Request:
+    method = environ.get("REQUEST_METHOD", "GET").upper()
+    path = environ.get("PATH_INFO", "") or "/"
+    return Request(environ, method, path, _request_id(environ))
+
+
 def _request_id(environ: Mapping[str, Any]) -> str:
     given = environ.get("HTTP_X_REQUEST_ID", "")
     # A caller's own id is echoed for tracing when it is short and plain; otherwise we mint one.
     if given and _REQUEST_ID.fullmatch(given):
         return given
     return os.urandom(16).hex()  # 128 random bits, as a uuid4 had, without the UUID object
-
-
-class FastLoader:
-    """`schema.load(document)` for valid bodies, without marshmallow's machinery (~5x faster).
-
-    Built from the schema's own declared fields, so it follows the schema rather than
-    restating it: `fields.String` and `wire`'s `StrictInteger`, `StrictNumber` and
-    `StrictBoolean`, with their `required` / `allow_none` flags and their validators (called
-    as marshmallow calls them), in a schema with `unknown = EXCLUDE` and no load hooks.
-    Calling it returns the loaded dict only when marshmallow would accept the body and load
-    the same dict; for anything else it returns None and the caller runs `schema.load`, so
-    every 400 and its per-field messages still come from marshmallow alone. `build` returns
-    None (no fast path) for a schema holding anything it does not know.
-    """
-
-    def __init__(self, checks: list[tuple[str, bool, bool, Callable[[Any], bool], list]]):
-        self._checks = checks  # (name, required, allow_none, type check, validators)
-
-    @classmethod
-    def build(cls, schema: Any) -> FastLoader | None:
-        hooks = getattr(schema, "_hooks", None)
-        if (
-            hooks is None
-            or any(tag not in ("pre_dump", "post_dump") for tag, names in hooks.items() if names)
-            or schema.unknown != EXCLUDE
-            or schema.many
-            or schema.partial
-        ):
-            return None
-        checks = []
-        for name, field in schema.load_fields.items():
-            type_check = _FAST_TYPE_CHECKS.get(type(field))
-            if (
-                type_check is None
-                or field.data_key not in (None, name)
-                or field.attribute not in (None, name)
-                or field.load_default is not missing
-                or getattr(field, "pre_load", None)
-                or getattr(field, "post_load", None)
-            ):
-                return None
-            checks.append((name, field.required, field.allow_none, type_check, field.validators))
-        return cls(checks)
-
-    def __call__(self, document: Mapping[str, Any]) -> dict[str, Any] | None:
-        loaded: dict[str, Any] = {}
-        for name, required, allow_none, type_check, validators in self._checks:
-            if name not in document:
-                if required:
-                    return None
-                continue
-            value = document[name]
-            if value is None:
-                if not allow_none:
-                    return None
-                loaded[name] = None
-                continue
-            if not type_check(value):
-                return None
-            try:
-                for validator in validators:
-                    if validator(value) is False:
-                        return None
-            except ValidationError:
-                return None
-            loaded[name] = value
-        return loaded
-
-
-def _is_finite_number(value: Any) -> bool:
-    kind = type(value)
-    return kind is int or (kind is float and math.isfinite(value))
-
-
-# What each field class accepts as it is (it loads such a value unchanged); exact classes
-# only, so a subclass with other rules gets no fast path.
-_FAST_TYPE_CHECKS: dict[type, Callable[[Any], bool]] = {
-    fields.String: lambda value: type(value) is str,
-    wire.StrictInteger: lambda value: type(value) is int,
-    wire.StrictNumber: _is_finite_number,
-    wire.StrictBoolean: lambda value: value is True or value is False,
-}
 
 
 def _client_connected(environ: Mapping[str, Any]) -> bool:
@@ -590,22 +584,28 @@ def _client_connected(environ: Mapping[str, Any]) -> bool:
 def _read_json(environ: Mapping[str, Any]) -> Any:
     raw_length = environ.get("CONTENT_LENGTH") or ""
     stream = environ.get("wsgi.input")
-    if raw_length.strip():
-        try:
+    try:
+        if raw_length.strip():
+            if not (raw_length.isascii() and raw_length.strip().isdigit()):
+                raise HttpError(400, "invalid_request", "invalid Content-Length header")
             length = int(raw_length)
-        except ValueError:
-            raise HttpError(400, "invalid_request", "invalid Content-Length header") from None
-        if length < 0:
-            raise HttpError(400, "invalid_request", "invalid Content-Length header")
-        if length > MAX_BODY_BYTES:
-            raise _too_large()
-        data = _read_capped(stream, length) if length else b""
-    elif "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        data = _read_capped(stream, MAX_BODY_BYTES + 1)
-        if len(data) > MAX_BODY_BYTES:
-            raise _too_large()
-    else:
-        data = b""
+            if length > MAX_BODY_BYTES:
+                raise _too_large()
+            data = _read_capped(stream, length) if length else b""
+        elif "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+            data = _read_capped(stream, MAX_BODY_BYTES + 1)
+            if len(data) > MAX_BODY_BYTES:
+                raise _too_large()
+        else:
+            data = b""
+    except (OSError, ValueError) as exc:  # a malformed chunked body, a client that left
+        raise HttpError(
+            400,
+            "invalid_request",
+            "the request body could not be read",
+            details={"body": [str(exc)[:200]]},
+            headers=[("Connection", "close")],
+        ) from None
     if not data.strip():
         raise HttpError(
             400,
@@ -614,13 +614,21 @@ def _read_json(environ: Mapping[str, Any]) -> Any:
             details={"body": ["Expected a JSON object."]},
         )
     try:
-        document = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        text = data.decode("utf-8")
+        document = json.loads(
+            text,
+            parse_int=_bounded_int,
+            parse_float=_finite_float,
+            parse_constant=_no_constant,
+        )
+        if "\\u" in text:  # only an escape can make a lone surrogate out of valid UTF-8
+            json.dumps(document, ensure_ascii=False).encode("utf-8")
+    except (UnicodeError, ValueError, RecursionError) as exc:
         raise HttpError(
             400,
             "invalid_json",
             "request body is not valid JSON",
-            details={"body": [str(exc)]},
+            details={"body": [_json_problem(exc)]},
         ) from None
     if not isinstance(document, dict):
         raise HttpError(
@@ -630,6 +638,32 @@ def _read_json(environ: Mapping[str, Any]) -> Any:
             details={"body": ["Expected a JSON object."]},
         )
     return document
+
+
+def _bounded_int(text: str) -> int:
+    value = int(text)
+    if not _INT_MIN <= value <= _INT_MAX:
+        raise ValueError(f"integer out of range (beyond 64 bits): {text[:40]}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number out of range: {text[:40]}")
+    return value
+
+
+def _no_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not JSON")
+
+
+def _json_problem(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if isinstance(exc, UnicodeEncodeError):
+        return "a string holds a lone surrogate (not Unicode)"
+    return str(exc)[:200]
 
 
 def _read_capped(stream: Any, limit: int) -> bytes:
