@@ -9,7 +9,9 @@ Control API (`control_api/server.py`) and the node's status endpoint (`status.py
 
 Limits, per connection:
 - TCP_NODELAY: pywsgi sends an answer's headers and body in separate writes; with Nagle's
-  algorithm a keep-alive client would wait ~40 ms (its delayed ACK) for the body.
+  algorithm a keep-alive client would wait ~40 ms (its delayed ACK) for the body. Where the
+  system has TCP_CORK (Linux), a whole (non-streamed) answer is corked while gevent writes it
+  and uncorked at the next read, so it still leaves in one segment.
 - Idle: a connection waiting for the first byte of a request (its first or a later keep-alive
   one) is closed after `IDLE_TIMEOUT_S` (a socket timeout).
 - Deadline: from a request's first byte, its head and body must arrive within
@@ -102,6 +104,8 @@ WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 # A control character other than HT anywhere in a header line but its line end.
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _HTTP_1X = (b" HTTP/1.1", b" HTTP/1.0")
+# Linux: hold partial segments back until uncorked (other systems send two segments).
+_TCP_CORK = getattr(socket, "TCP_CORK", None)
 
 
 class ClientError(OSError, ValueError):
@@ -226,6 +230,7 @@ class Connection:
     __slots__ = (
         "_registry",
         "address",
+        "corked",
         "deadline",
         "handler",
         "head",
@@ -252,6 +257,7 @@ class Connection:
         self.deadline: gevent.Timeout | None = None
         self.refuse_reads = False
         self.shed = False
+        self.corked = False
 
     def begin_request(self) -> None:
         """The first byte of a request is here: busy, fresh head counters, deadline armed."""
@@ -270,8 +276,21 @@ class Connection:
         self._cancel_deadline()
         self.state = SERVING
 
+    def cork(self) -> None:
+        """Hold back partial segments until `answered()`: an answer leaves in one segment."""
+        if _TCP_CORK is not None:
+            try:
+                self.sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 1)
+            except OSError:
+                return
+            self.corked = True
+
     def answered(self) -> None:
         """The next read after an answer: idle until the next request's first byte."""
+        if self.corked:
+            self.corked = False
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 0)  # sends what is held
         self.state = IDLE
         self._registry._mark_idle(self)
 
@@ -397,14 +416,24 @@ class _Reader:
             if not self._await_request():
                 return b""
         elif conn.head_done:
-            return self._call(self._rfile.readline, size)
+            try:
+                return self._rfile.readline(size)
+            except ClientError:
+                raise
+            except OSError as exc:
+                raise ClientError(f"read failed: {exc}") from None
         return self._head_line(size)
 
     def read(self, size: int | None = -1) -> bytes:
         conn = self._conn
         if conn.state is not READING and not self._await_request():
             return b""
-        return self._call(self._rfile.read, size)
+        try:
+            return self._rfile.read(size)
+        except ClientError:
+            raise
+        except OSError as exc:
+            raise ClientError(f"read failed: {exc}") from None
 
     def _await_request(self) -> bool:
         """Block until the next request's first byte (True) or EOF (False)."""
@@ -424,11 +453,15 @@ class _Reader:
         limit = budget + 1 if size is None or size < 0 else min(size, budget + 1)
         first = not conn.head
         try:
-            line = self._call(self._rfile.readline, limit)
+            line = self._rfile.readline(limit)
         except RequestTimeout as exc:
             if first:  # gevent closes quietly at the request line; say why once
                 self._on_refused(str(exc))
             raise
+        except ClientError:
+            raise
+        except OSError as exc:  # a reset mid-head would otherwise be a traceback in gevent
+            raise ClientError(f"read failed: {exc}") from None
         conn.head_bytes += len(line)
         if conn.head_bytes > MAX_HEAD_BYTES:
             raise self._refuse(f"request head exceeds {MAX_HEAD_BYTES} bytes", log=first)
@@ -455,15 +488,6 @@ class _Reader:
         if log:
             self._on_refused(reason)
         return ClientError(reason)
-
-    @staticmethod
-    def _call(read: Callable[[Any], bytes], size: int | None) -> bytes:
-        try:
-            return read(size)
-        except ClientError:
-            raise
-        except OSError as exc:  # a reset mid-head would otherwise be a traceback in gevent
-            raise ClientError(f"read failed: {exc}") from None
 
 
 # -- the guard --------------------------------------------------------------------------------
@@ -536,7 +560,10 @@ class RequestGuard:
         finally:
             conn.request_read()
         if problem is None:
-            return self._app(environ, start_response)
+            result = self._app(environ, start_response)
+            if isinstance(result, list | tuple):  # a whole answer, not a stream
+                conn.cork()
+            return result
         conn.refuse_reads = True  # gevent would read the refused body on to its declared end
 
         def closing(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
