@@ -472,3 +472,79 @@ def test_the_status_endpoint_under_idle_connection_pressure_still_answers(tmp_pa
     assert proc.returncode == 0, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     assert "Traceback" not in out
+
+
+# -- in process: the shedding order and the hub's last net -----------------------------------
+
+
+class _FakeSock:
+    def __init__(self) -> None:
+        self.shut = False
+
+    def shutdown(self, how: int) -> None:
+        self.shut = True
+
+
+def test_at_the_cap_never_used_connections_go_first_then_the_longest_idle():
+    from conductord.httpserver import Connections
+
+    conns = Connections(cap=4)
+    kept = conns.open(_FakeSock(), ("127.0.0.1", 1))
+    kept.begin_request()  # busy from its first byte: never shed
+    kept.request_read()
+    idle_old = conns.open(_FakeSock(), ("127.0.0.1", 2))
+    idle_old.begin_request()
+    idle_old.request_read()
+    idle_old.answered()
+    fresh_old = conns.open(_FakeSock(), ("127.0.0.1", 3))
+    fresh_new = conns.open(_FakeSock(), ("127.0.0.1", 4))  # at the cap: the oldest fresh goes
+    assert fresh_old.sock.shut and not fresh_new.sock.shut
+    assert not idle_old.sock.shut and not kept.sock.shut
+    fresh_old.closed()
+    fresh_new.begin_request()
+    newest = conns.open(_FakeSock(), ("127.0.0.1", 5))  # only the newest is fresh: idle goes
+    assert idle_old.sock.shut and not newest.sock.shut and not fresh_new.sock.shut
+    idle_old.closed()
+    newest.begin_request()
+    assert len(conns) == 3
+    another = conns.open(_FakeSock(), ("127.0.0.1", 6))  # all busy: nobody to shed
+    assert len(conns) == 4 and not another.sock.shut
+    for conn in (kept, fresh_new, newest, another):
+        conn.closed()
+    assert len(conns) == 0
+
+
+def test_the_hub_net_turns_our_servers_errors_into_one_warning(capsys):
+    import gevent
+
+    from conductord.httpserver import SERVER_ENVIRON_KEY, LimitedWSGIServer
+
+    class Log:
+        def __init__(self) -> None:
+            self.lines: list[tuple[str, str, dict[str, Any]]] = []
+
+        def warning(self, event: str, **fields: Any) -> None:
+            self.lines.append(("warning", event, fields))
+
+        def error(self, event: str, **fields: Any) -> None:
+            self.lines.append(("error", event, fields))
+
+    log = Log()
+    server = LimitedWSGIServer(
+        ("127.0.0.1", 0), lambda e, s: [], log=log, max_connections=8, max_body_bytes=10
+    )
+    hub = gevent.get_hub()
+    try:
+        emfile = OSError(24, "Too many open files")
+        hub.handle_error(server, OSError, emfile, None)  # an accept error
+        timeout = TimeoutError("timed out")
+        hub.handle_error({SERVER_ENVIRON_KEY: server}, TimeoutError, timeout, None)  # a send
+        assert [(level, event) for level, event, _ in log.lines] == [
+            ("warning", "http.connection_error"),
+            ("warning", "http.connection_error"),
+        ]
+        assert "Too many open files" in log.lines[0][2]["error"]
+        hub.handle_error("someone else", ValueError, ValueError("theirs"), None)
+        assert "ValueError: theirs" in capsys.readouterr().err  # other contexts as before
+    finally:
+        server.close()
