@@ -548,3 +548,62 @@ def test_the_hub_net_turns_our_servers_errors_into_one_warning(capsys):
         assert "ValueError: theirs" in capsys.readouterr().err  # other contexts as before
     finally:
         server.close()
+
+
+def test_idle_timeout_and_request_deadline_never_cut_a_slow_app():
+    import gevent
+    import gevent.socket
+
+    from conductord.httpserver import LimitedWSGIServer
+
+    class Log:
+        def warning(self, event: str, **fields: Any) -> None:
+            pass
+
+        error = warning
+
+    def slow_app(environ, start_response):
+        gevent.sleep(0.8)  # longer than the deadline and the idle timeout: a parked long-poll
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    server = LimitedWSGIServer(
+        ("127.0.0.1", 0),
+        slow_app,
+        log=Log(),
+        max_connections=8,
+        max_body_bytes=100,
+        request_deadline_s=0.25,
+        idle_timeout_s=0.5,
+    )
+    server.start()
+    port = server.server_port
+
+    def timed(send: bytes) -> tuple[float, bytes]:
+        sock = gevent.socket.create_connection(("127.0.0.1", port), timeout=5)
+        started = time.monotonic()
+        with sock:
+            sock.sendall(send)
+            data = b""
+            while chunk := sock.recv(4096):
+                data += chunk
+        return time.monotonic() - started, data
+
+    try:
+        idle, half, slow = (
+            gevent.spawn(timed, data)
+            for data in (
+                b"",
+                b"GET / HTTP/1.1\r\nHost:",
+                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+        )
+        gevent.joinall([idle, half, slow], timeout=5, raise_error=True)
+        elapsed, data = idle.value
+        assert data == b"" and 0.45 <= elapsed < 1.2  # the idle timeout
+        elapsed, data = half.value
+        assert data.startswith(b"HTTP/1.1 400") and 0.2 <= elapsed < 0.45  # the deadline
+        elapsed, data = slow.value
+        assert data.startswith(b"HTTP/1.1 200") and elapsed >= 0.8  # the app is never cut
+    finally:
+        server.stop(timeout=1)
