@@ -84,6 +84,7 @@ __all__ = [
     "RequestGuard",
     "RequestProblem",
     "connection_cap",
+    "descriptor_limit",
     "raise_descriptor_limit",
 ]
 
@@ -170,14 +171,13 @@ class RateLimitedLog:
 class ErrorLog:
     """gevent.pywsgi's `error_log` stream (its protocol errors) as rate-limited warnings."""
 
-    def __init__(self, log: RateLimitedLog, event: str = "http.protocol_error") -> None:
+    def __init__(self, log: RateLimitedLog) -> None:
         self._log = log
-        self._event = event
 
     def write(self, message: str) -> None:
         text = str(message).strip()
         if text:
-            self._log.warning(self._event, detail=text[:500])
+            self._log.warning("http.protocol_error", detail=text[:500])
 
     def writelines(self, lines: Iterable[str]) -> None:
         for line in lines:
@@ -190,12 +190,22 @@ class ErrorLog:
 # -- descriptors -------------------------------------------------------------------------------
 
 
-def raise_descriptor_limit() -> int:
-    """Raise RLIMIT_NOFILE's soft limit to the hard one where allowed; return the soft limit."""
+def descriptor_limit() -> int:
+    """RLIMIT_NOFILE's soft limit (a large number when unlimited or not POSIX)."""
     try:
         import resource
     except ImportError:  # not POSIX
         return 1024
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def raise_descriptor_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard one where allowed; return the soft limit."""
+    try:
+        import resource
+    except ImportError:
+        return descriptor_limit()
     infinity = resource.RLIM_INFINITY
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     # macOS refuses an infinite soft limit (and one above OPEN_MAX): fall back to 10240 there.
@@ -207,8 +217,7 @@ def raise_descriptor_limit() -> int:
         except (ValueError, OSError):
             continue
         break
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return soft if soft != infinity else 1 << 20
+    return descriptor_limit()
 
 
 def connection_cap(descriptor_limit: int, *, reserve: int, ceiling: int, floor: int = 8) -> int:

@@ -387,14 +387,7 @@ class StatusServer:
 
 
 def _connection_cap() -> int:
-    try:
-        import resource
-
-        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    except (ImportError, OSError, ValueError):
-        return MAX_CONNECTIONS
-    if limit == resource.RLIM_INFINITY:
-        return MAX_CONNECTIONS
+    limit = httpserver.descriptor_limit()
     return httpserver.connection_cap(limit // 4, reserve=0, ceiling=MAX_CONNECTIONS)
 
 
