@@ -13,33 +13,32 @@ answered like GET without a body.
 
 Design: the app only reads the runtime, at request time; nothing is pushed on the hot path. The
 metrics come from a custom collector on a private registry that reads the runtime's counters
-when scraped, so there is no global registry and no per-event bookkeeping here. Accepted
-sockets get TCP_NODELAY (pywsgi writes headers and body in separate sends; with Nagle a
-keep-alive client would wait ~40 ms per answer) and an idle timeout, so abandoned keep-alive
-connections do not pin a greenlet forever. Requests are not logged at info.
+when scraped, so there is no global registry and no per-event bookkeeping here. The server is
+`httpserver.LimitedWSGIServer`, as for the Control API: TCP_NODELAY, a 10 s request deadline,
+a 60 s idle timeout, a 16 KiB head, framing checks, bodies of at most 4 KiB, and at most
+`MAX_CONNECTIONS` connections (fewer under a low descriptor limit: the daemon's own Control API
+calls need descriptors too), the idlest shed at the cap; client faults are rate-limited
+warnings, never tracebacks. Requests are not logged at info.
 
 Limits: loopback only (the config refuses anything else), no auth, no TLS. The app runs in the
-daemon's hub: a handler must never block. Connections are not capped; a local client that opens
-thousands of idle connections costs a greenlet each until the idle timeout.
+daemon's hub: a handler must never block. The daemon does not raise its descriptor limit (its
+children would inherit it); the connection cap follows the limit it was started with.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
-from gevent.pywsgi import WSGIServer
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from conductord import __version__
+from conductord import __version__, httpserver
 from conductord.config import SETTINGS_BY_NAME
 from conductord.lease import JITTER, LeaseState
 
@@ -55,8 +54,11 @@ __all__ = [
 # The loops pace with ±JITTER; a cycle may start that much later.
 # Slack on top of the worst-case cycle gap (SPEC §8: interval + request timeout + 1 s).
 _HEALTH_SLACK_S = 1.0
-# Idle keep-alive connections are closed after this; longer than common scrape intervals.
-_IDLE_TIMEOUT_S = 60.0
+# Connections at most; under a low descriptor limit a quarter of it (the daemon's own calls and
+# its children's pipes need the rest).
+MAX_CONNECTIONS = 64
+# Requests are GETs; a body is read and dropped, up to this.
+_MAX_BODY_BYTES = 4096
 # How long stop() lets in-flight answers finish; every handler answers from memory.
 _STOP_GRACE_S = 0.25
 
@@ -334,30 +336,6 @@ class StatusServerError(Exception):
     """The status endpoint could not start; `str()` is one line naming the address."""
 
 
-class _ErrorLog:
-    """pywsgi's error stream (malformed requests) as debug log events, not stderr."""
-
-    def __init__(self, log: Any) -> None:
-        self._log = log
-
-    def write(self, message: str) -> None:
-        message = message.strip()
-        if message:
-            self._log.debug("status_api.client_error", message=message)
-
-    def flush(self) -> None:
-        pass
-
-
-class _WSGIServer(WSGIServer):
-    def handle(self, sock: Any, address: Any) -> None:
-        # Only fails on a non-TCP socket (never expected); answers would merely be slower.
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(_IDLE_TIMEOUT_S)
-        super().handle(sock, address)
-
-
 class StatusServer:
     """The status endpoint on `base_url` (`http://HOST:PORT`; port 0 picks a free one)."""
 
@@ -372,7 +350,7 @@ class StatusServer:
             raise StatusServerError(f"status endpoint URL must be http://HOST:PORT: {base_url}")
         self._host: str = parts.hostname
         self._port: int = port
-        self._server: _WSGIServer | None = None
+        self._server: httpserver.LimitedWSGIServer | None = None
 
     @property
     def url(self) -> str:
@@ -384,11 +362,12 @@ class StatusServer:
         """Bind and serve in the background (in the current hub); idempotent."""
         if self._server is not None:
             return
-        server = _WSGIServer(
+        server = httpserver.LimitedWSGIServer(
             (self._host, self._port),
             make_app(self._runtime),
-            log=None,
-            error_log=_ErrorLog(self._runtime.log),
+            log=self._runtime.log,
+            max_connections=_connection_cap(),
+            max_body_bytes=_MAX_BODY_BYTES,
         )
         try:
             server.start()
@@ -408,3 +387,8 @@ class StatusServer:
         server, self._server = self._server, None
         if server is not None:
             server.stop(timeout=_STOP_GRACE_S)
+
+
+def _connection_cap() -> int:
+    limit = httpserver.descriptor_limit()
+    return httpserver.connection_cap(limit // 4, reserve=0, ceiling=MAX_CONNECTIONS)

@@ -164,6 +164,47 @@ def test_the_cap_counts_parked_requests_only_and_close_answers_them():
     assert waiters.parked == 0
 
 
+def test_one_controller_or_address_parks_only_a_few_requests():
+    waiters = LeaseWaiters(max_waiters=100, max_per_controller=2, max_per_address=3)
+    denied = _deny(time.time() + 60)
+
+    def park(controller_id: str, address: str, wait_s: float = 30.0) -> gevent.Greenlet:
+        return gevent.spawn(
+            waiters.wait_for_lease,
+            lambda: denied,
+            wait_s=wait_s,
+            controller_id=controller_id,
+            address=address,
+        )
+
+    squatting = [park("squatter", "10.0.0.1", wait_s=0.5) for _ in range(2)]
+    gevent.sleep(0.05)
+    with pytest.raises(TooManyWaiters) as refused:
+        waiters.wait_for_lease(
+            lambda: denied, wait_s=30.0, controller_id="squatter", address="10.0.0.9"
+        )
+    assert (refused.value.scope, refused.value.limit) == ("controller", 2)
+    others = [park("other", "10.0.0.1")]  # another controller parks beside the squatter
+    gevent.sleep(0.05)
+    assert waiters.parked == 3
+    with pytest.raises(TooManyWaiters) as refused:
+        waiters.wait_for_lease(
+            lambda: denied, wait_s=30.0, controller_id="third", address="10.0.0.1"
+        )
+    assert (refused.value.scope, refused.value.limit) == ("address", 3)
+    others.append(park("third", "10.0.0.2"))  # from elsewhere it still parks
+    gevent.sleep(0.05)
+    assert waiters.parked == 4
+    # Places are given back as requests end: the squatter may park again.
+    assert {g.get(timeout=2.0).end for g in squatting} == {"timeout"}
+    again = park("squatter", "10.0.0.1")
+    gevent.sleep(0.05)
+    assert waiters.parked == 3
+    waiters.close()
+    assert {g.get(timeout=2.0).end for g in [again, *others]} == {"closing"}
+    assert waiters.parked == 0
+
+
 # -- the app over a store with a `watch` hook (another process's change) ----------------------
 
 

@@ -13,22 +13,31 @@ Routes:
   GET  /v1/controllers             the controllers with seconds since their last heartbeat
   GET  /healthz                    liveness of the app and its store; needs no token
 
-Every body is loaded by its `wire` schema (marshmallow), which also words the 400 details.
+Every body goes through its `wire` schema (`schema.load`). Before that the JSON itself must be
+plain: valid UTF-8, no NaN or Infinity, no float that overflows, no integer outside the signed
+64-bit range (a store column could not hold it), no string with a lone surrogate (not Unicode:
+SPEC §9), not nested past the parser's recursion limit. Each of these, and every other client
+fault, is a 400 (413 past the size cap) envelope, logged once as an `http.bad_request` warning,
+rate-limited; never a 500 or a traceback.
 
 Auth is a bearer token compared in constant time (`hmac.compare_digest`); without a configured
 token every request is accepted (the server refuses that off loopback). Bodies are capped at
 64 KiB: a larger Content-Length is refused before reading, and reads are capped as well (a
-chunked body has no length up front).
+chunked body has no length up front). Behind `httpserver.LimitedWSGIServer` the server's guard
+has read and checked the body before the app runs and hands refusals to `reject`, which
+answers them as envelopes too.
 
 Wait-for-lease (SPEC §12): an acquire with `wait_ms` > 0 that finds the lease held by another
 controller is parked in `waiters.LeaseWaiters` until a release or a grant wakes it, the lease
 expires, or `wait_ms` passes; each wake costs one more store transaction, decided by the same
-rules as any acquire. Past `max_waiters` parked requests the answer is 429 `too_many_waiters`.
+rules as any acquire. Past `max_waiters` parked requests, or `max_waiters_per_controller` for
+one controller id, or `max_waiters_per_address` from one client address (defaults in
+`waiters`), the answer is 429 `too_many_waiters`.
 `long_poll=False` ignores `wait_ms` (answers at once, as §12 allows), for benchmarks. A store
 with a `watch(callback)` method (one shared by several server processes) gets
 `LeaseWaiters.wake_all` at construction, so a change made by another process wakes our waiters.
-The server finds out whether a parked client is still connected through the accepted socket it
-puts in the environ under `SOCKET_ENVIRON_KEY` (absent: assumed connected).
+The server finds out whether a parked client is still connected through the accepted socket the
+server puts in the environ under `SOCKET_ENVIRON_KEY` (absent: assumed connected).
 
 Logs: lease grants, takeovers after expiry, releases and auth failures at info/warning, and
 `lease.waiters_full` (a 429) at warning; renewals, denials, each request and each finished wait
@@ -38,13 +47,13 @@ nothing per call.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hmac
 import json
+import math
 import os
 import re
-import socket
+import select
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -52,16 +61,25 @@ from typing import Any
 
 from marshmallow import ValidationError
 
-from conductord import wire
+from conductord import httpserver, wire
 from conductord.control_api.rules import AcquireDecision, LeaseRow, ReleaseDecision
 from conductord.control_api.store import ControllerRow, Store, StoreError
-from conductord.control_api.waiters import DEFAULT_MAX_WAITERS, LeaseWaiters, TooManyWaiters
+from conductord.control_api.waiters import (
+    DEFAULT_MAX_PER_ADDRESS,
+    DEFAULT_MAX_PER_CONTROLLER,
+    DEFAULT_MAX_WAITERS,
+    LeaseWaiters,
+    TooManyWaiters,
+)
 from conductord.logs import get_logger
 
 MAX_BODY_BYTES = 64 * 1024
 
 # Where the server puts the accepted socket, so a parked request can tell its client left.
-SOCKET_ENVIRON_KEY = "conductord.socket"
+SOCKET_ENVIRON_KEY = httpserver.SOCKET_ENVIRON_KEY
+
+# What a store column (SQLite INTEGER, PostgreSQL bigint) can hold.
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
 
 # `lease.instance_conflict` is logged at most this often per (controller id, instance).
 CONFLICT_LOG_INTERVAL_S = 60.0
@@ -80,6 +98,7 @@ _REASONS = {
     200: "OK",
     400: "Bad Request",
     401: "Unauthorized",
+    408: "Request Timeout",
     404: "Not Found",
     405: "Method Not Allowed",
     413: "Content Too Large",
@@ -203,12 +222,20 @@ class ControlApiApp:
         log: Any = None,
         long_poll: bool = True,
         max_waiters: int = DEFAULT_MAX_WAITERS,
+        max_waiters_per_controller: int = DEFAULT_MAX_PER_CONTROLLER,
+        max_waiters_per_address: int = DEFAULT_MAX_PER_ADDRESS,
     ) -> None:
         self._store = store
         self._token = token.encode("utf-8") if token else None
         self._log = log if log is not None else get_logger()
+        self._client_faults = httpserver.RateLimitedLog(self._log)
         self.long_poll = long_poll
-        self.waiters = LeaseWaiters(max_waiters=max_waiters, clock=store.lease_time)
+        self.waiters = LeaseWaiters(
+            max_waiters=max_waiters,
+            max_per_controller=max_waiters_per_controller,
+            max_per_address=max_waiters_per_address,
+            clock=store.lease_time,
+        )
         self._conflicts = _RateLimit(CONFLICT_LOG_INTERVAL_S, time.monotonic)
         watch = getattr(store, "watch", None)
         if watch is not None:
@@ -235,23 +262,66 @@ class ControlApiApp:
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
         started = time.perf_counter()
-        method = environ.get("REQUEST_METHOD", "GET").upper()
-        path = environ.get("PATH_INFO", "") or "/"
-        request = Request(environ, method, path, _request_id(environ))
-        headers: list[tuple[str, str]] = []
+        request = _request(environ)
         try:
-            status, body = 200, wire.success_envelope(self._dispatch(request), request.request_id)
+            status, headers = 200, []
+            body = wire.success_envelope(self._dispatch(request), request.request_id)
         except HttpError as err:
-            status, headers = err.status, err.headers
-            body = wire.error_envelope(err.code, err.message, request.request_id, err.details)
+            status, headers, body = self._refusal(request, err)
         except Exception:
-            status = 500
+            status, headers = 500, []
             self._log.exception(
-                "http.error", method=method, path=path, request_id=request.request_id
+                "http.error",
+                method=request.method,
+                path=request.path,
+                request_id=request.request_id,
             )
             body = wire.error_envelope(
                 "internal_error", "internal server error", request.request_id
             )
+        return self._respond(request, start_response, status, headers, body, started)
+
+    def reject(
+        self,
+        environ: dict[str, Any],
+        start_response: StartResponse,
+        problem: httpserver.RequestProblem,
+    ) -> list[bytes]:
+        """Answer a request the server's guard refused before dispatch (bad framing or body)."""
+        started = time.perf_counter()
+        request = _request(environ)
+        error = HttpError(
+            problem.status, problem.code, problem.message, headers=[("Connection", "close")]
+        )
+        status, headers, body = self._refusal(request, error)
+        return self._respond(request, start_response, status, headers, body, started)
+
+    def _refusal(
+        self, request: Request, err: HttpError
+    ) -> tuple[int, list[tuple[str, str]], dict[str, Any]]:
+        if err.status in (400, 408, 413):  # the client's fault: once, as a warning, no traceback
+            self._client_faults.warning(
+                "http.bad_request",
+                status=err.status,
+                error=err.code,
+                message=err.message,
+                method=request.method,
+                path=request.path,
+                remote_addr=request.environ.get("REMOTE_ADDR"),
+                request_id=request.request_id,
+            )
+        body = wire.error_envelope(err.code, err.message, request.request_id, err.details)
+        return err.status, err.headers, body
+
+    def _respond(
+        self,
+        request: Request,
+        start_response: StartResponse,
+        status: int,
+        headers: list[tuple[str, str]],
+        body: dict[str, Any],
+        started: float,
+    ) -> list[bytes]:
         payload = _ENCODER.encode(body).encode("utf-8")
         start_response(
             f"{status} {_REASONS.get(status, 'Error')}",
@@ -265,8 +335,8 @@ class ControlApiApp:
         )
         self._log.debug(
             "http.request",
-            method=method,
-            path=path,
+            method=request.method,
+            path=request.path,
             status=status,
             request_id=request.request_id,
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
@@ -335,6 +405,11 @@ class ControlApiApp:
                 f"invalid fields: {fields}" if fields else "invalid request body",
                 details=err.messages,
             ) from None
+        except (RecursionError, OverflowError, ValueError, TypeError) as exc:
+            # A validator that cannot cope with a value: the body's fault, not ours.
+            raise HttpError(
+                400, "invalid_request", "invalid request body", details={"body": [str(exc)]}
+            ) from None
 
     # -- handlers --------------------------------------------------------------------------
 
@@ -365,20 +440,28 @@ class ControlApiApp:
                 lambda: self._acquire_lease(body),
                 wait_s=wait_ms / 1000.0,
                 connected=lambda: _client_connected(request.environ),
+                controller_id=body["controller_id"],
+                address=request.environ.get("REMOTE_ADDR"),
             )
         except TooManyWaiters as exc:
-            self._log.warning(
+            self._client_faults.warning(
                 "lease.waiters_full",
                 controller_id=body["controller_id"],
-                max_waiters=exc.max_waiters,
+                scope=exc.scope,
+                max_waiters=exc.limit,
+                remote_addr=request.environ.get("REMOTE_ADDR"),
                 request_id=request.request_id,
+            )
+            details = (
+                {"max_waiters": exc.limit}
+                if exc.scope == "server"
+                else {"max_waiters": exc.limit, "scope": exc.scope}
             )
             raise HttpError(
                 429,
                 "too_many_waiters",
-                f"{exc.max_waiters} requests are already waiting for the lease;"
-                " retry later or without wait_ms",
-                details={"max_waiters": exc.max_waiters},
+                f"{exc}; retry later or without wait_ms",
+                details=details,
                 headers=[("Retry-After", "1")],
             ) from None
         self._log.debug(
@@ -531,6 +614,12 @@ class _RateLimit:
         return True
 
 
+def _request(environ: Mapping[str, Any]) -> Request:
+    method = environ.get("REQUEST_METHOD", "GET").upper()
+    path = environ.get("PATH_INFO", "") or "/"
+    return Request(environ, method, path, _request_id(environ))
+
+
 def _request_id(environ: Mapping[str, Any]) -> str:
     given = environ.get("HTTP_X_REQUEST_ID", "")
     # A caller's own id is echoed for tracing when it is short and plain; otherwise we mint one.
@@ -540,43 +629,48 @@ def _request_id(environ: Mapping[str, Any]) -> str:
 
 
 def _client_connected(environ: Mapping[str, Any]) -> bool:
-    """Whether the client of a parked request still holds its connection open."""
+    """Whether the client of a parked request still holds its connection open.
+
+    A parked client sends nothing more until it has its answer, so a socket that has become
+    readable means the client closed it (or reset it). Nothing is read: were it ever a
+    pipelined request instead, the waiter would merely answer early and that request would be
+    served next, as usual.
+    """
     sock = environ.get(SOCKET_ENVIRON_KEY)
     if sock is None:
         return True
-    timeout = sock.gettimeout()
     try:
-        # Peek without blocking: b"" means the peer closed; no data yet means still there.
-        sock.settimeout(0.0)
-        return sock.recv(1, socket.MSG_PEEK) != b""
-    except BlockingIOError:
-        return True
-    except OSError:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):  # closed under us
         return False
-    finally:
-        with contextlib.suppress(OSError):
-            sock.settimeout(timeout)
+    return not readable
 
 
 def _read_json(environ: Mapping[str, Any]) -> Any:
     raw_length = environ.get("CONTENT_LENGTH") or ""
     stream = environ.get("wsgi.input")
-    if raw_length.strip():
-        try:
+    try:
+        if raw_length.strip():
+            if not (raw_length.isascii() and raw_length.strip().isdigit()):
+                raise HttpError(400, "invalid_request", "invalid Content-Length header")
             length = int(raw_length)
-        except ValueError:
-            raise HttpError(400, "invalid_request", "invalid Content-Length header") from None
-        if length < 0:
-            raise HttpError(400, "invalid_request", "invalid Content-Length header")
-        if length > MAX_BODY_BYTES:
-            raise _too_large()
-        data = _read_capped(stream, length) if length else b""
-    elif "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        data = _read_capped(stream, MAX_BODY_BYTES + 1)
-        if len(data) > MAX_BODY_BYTES:
-            raise _too_large()
-    else:
-        data = b""
+            if length > MAX_BODY_BYTES:
+                raise _too_large()
+            data = _read_capped(stream, length) if length else b""
+        elif "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+            data = _read_capped(stream, MAX_BODY_BYTES + 1)
+            if len(data) > MAX_BODY_BYTES:
+                raise _too_large()
+        else:
+            data = b""
+    except (OSError, ValueError) as exc:  # a malformed chunked body, a client that left
+        raise HttpError(
+            400,
+            "invalid_request",
+            "the request body could not be read",
+            details={"body": [str(exc)[:200]]},
+            headers=[("Connection", "close")],
+        ) from None
     if not data.strip():
         raise HttpError(
             400,
@@ -585,13 +679,21 @@ def _read_json(environ: Mapping[str, Any]) -> Any:
             details={"body": ["Expected a JSON object."]},
         )
     try:
-        document = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        text = data.decode("utf-8")
+        document = json.loads(
+            text,
+            parse_int=_bounded_int,
+            parse_float=_finite_float,
+            parse_constant=_no_constant,
+        )
+        if "\\u" in text:  # only an escape can make a lone surrogate out of valid UTF-8
+            json.dumps(document, ensure_ascii=False).encode("utf-8")
+    except (UnicodeError, ValueError, RecursionError) as exc:
         raise HttpError(
             400,
             "invalid_json",
             "request body is not valid JSON",
-            details={"body": [str(exc)]},
+            details={"body": [_json_problem(exc)]},
         ) from None
     if not isinstance(document, dict):
         raise HttpError(
@@ -601,6 +703,32 @@ def _read_json(environ: Mapping[str, Any]) -> Any:
             details={"body": ["Expected a JSON object."]},
         )
     return document
+
+
+def _bounded_int(text: str) -> int:
+    value = int(text)
+    if not _INT_MIN <= value <= _INT_MAX:
+        raise ValueError(f"integer out of range (beyond 64 bits): {text[:40]}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number out of range: {text[:40]}")
+    return value
+
+
+def _no_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not JSON")
+
+
+def _json_problem(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if isinstance(exc, UnicodeEncodeError):
+        return "a string holds a lone surrogate (not Unicode)"
+    return str(exc)[:200]
 
 
 def _read_capped(stream: Any, limit: int) -> bytes:

@@ -20,9 +20,12 @@ Design:
 - A parked request costs its server greenlet (gevent.pywsgi already runs one per connection)
   and one timer; no thread, no database connection between wakes.
 - Bounded: a request waits at most `wait_ms`; at most `max_waiters` requests are parked at
-  once, and one past the cap gets `TooManyWaiters` (the app answers 429). The cap counts only
-  parked requests: an acquire that can be answered at once (free lease, own renewal) is never
-  refused.
+  once, at most `max_per_controller` (default 4) for one controller id and `max_per_address`
+  (default 64) from one client address, and one past a cap gets `TooManyWaiters` (the app
+  answers 429). So one client parking a thousand requests holds a handful of places, not the
+  whole cap: another controller still parks beside it and is woken with it. The caps count
+  only parked requests: an acquire that can be answered at once (free lease, own renewal) is
+  never refused.
 - A waiter whose client has gone away (`connected()` false at a wake) gives up without asking
   the store, so a dead standby's orphaned request cannot take the lease nobody would use.
 
@@ -36,6 +39,7 @@ without closing its connection (a network partition) is not noticed until its `w
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -45,6 +49,10 @@ from gevent.event import Event
 from conductord.control_api.rules import LEASE_NAME, AcquireDecision
 
 DEFAULT_MAX_WAITERS = 1000
+# A node parks one request at a time; a few more cover a restart that overlaps its old request.
+DEFAULT_MAX_PER_CONTROLLER = 4
+# Several nodes may share an address (behind NAT or a proxy); one client still cannot take all.
+DEFAULT_MAX_PER_ADDRESS = 64
 
 # Timers may fire a hair early relative to the store's clock; waking 1 ms after the expiry
 # instant keeps a waiter from finding the lease still live and parking again for ~0 s.
@@ -59,14 +67,21 @@ SKEW_RETRY_S = 0.01
 SKEW_RETRY_MAX_S = 1.0
 
 WaitEnd = Literal["granted", "timeout", "closing", "gone"]
+CapScope = Literal["server", "controller", "address"]
+_WHERE = {"server": "", "controller": " for this controller", "address": " from this address"}
 
 
 class TooManyWaiters(Exception):
-    """The cap on parked requests is reached; the request was not parked."""
+    """A cap on parked requests is reached (`scope`: which one); the request was not parked."""
 
-    def __init__(self, max_waiters: int) -> None:
-        super().__init__(f"{max_waiters} requests are already waiting for the lease")
-        self.max_waiters = max_waiters
+    def __init__(self, limit: int, scope: CapScope = "server") -> None:
+        super().__init__(f"{limit} requests are already waiting for the lease{_WHERE[scope]}")
+        self.limit = limit
+        self.scope = scope
+
+    @property
+    def max_waiters(self) -> int:
+        return self.limit
 
 
 @dataclass(frozen=True)
@@ -90,16 +105,22 @@ class LeaseWaiters:
         self,
         *,
         max_waiters: int = DEFAULT_MAX_WAITERS,
+        max_per_controller: int = DEFAULT_MAX_PER_CONTROLLER,
+        max_per_address: int = DEFAULT_MAX_PER_ADDRESS,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        if max_waiters < 1:
-            raise ValueError("max_waiters must be at least 1")
+        if min(max_waiters, max_per_controller, max_per_address) < 1:
+            raise ValueError("every waiter cap must be at least 1")
         self.max_waiters = max_waiters
+        self.max_per_controller = max_per_controller
+        self.max_per_address = max_per_address
         self._clock = clock
         self._monotonic = monotonic
         self._events: dict[str, Event] = {}
         self._parked = 0
+        self._by_controller: Counter[str] = Counter()
+        self._by_address: Counter[str] = Counter()
         self._closed = False
 
     @property
@@ -141,12 +162,15 @@ class LeaseWaiters:
         wait_s: float,
         lease_name: str = LEASE_NAME,
         connected: Callable[[], bool] | None = None,
+        controller_id: str | None = None,
+        address: str | None = None,
     ) -> WaitOutcome:
         """Ask `attempt()` (one store transaction) now and after each wake, for up to `wait_s`.
 
         Returns at the first decision that makes the caller leader, or with the last decision
         seen when `wait_s` passes, the server closes, or the client is gone. Raises
-        `TooManyWaiters` instead of parking past the cap; `attempt()`'s errors propagate.
+        `TooManyWaiters` instead of parking past a cap (the caps per controller and address
+        apply when `controller_id` / `address` are given); `attempt()`'s errors propagate.
         """
         began = self._monotonic()
         deadline = began + wait_s
@@ -156,12 +180,10 @@ class LeaseWaiters:
             return WaitOutcome(decision, "granted", 0.0, 0)
         if self._closed or wait_s <= 0:
             return WaitOutcome(decision, "closing" if self._closed else "timeout", 0.0, 0)
-        if self._parked >= self.max_waiters:
-            raise TooManyWaiters(self.max_waiters)
+        self._admit(controller_id, address)
 
         rechecks = 0
         skewed = 0  # expiry re-checks in a row that found the same lease still live
-        self._parked += 1
         try:
             while True:
                 remaining = deadline - self._monotonic()
@@ -199,5 +221,28 @@ class LeaseWaiters:
                     end = "granted"
                     break
         finally:
-            self._parked -= 1
+            self._release(controller_id, address)
         return WaitOutcome(decision, end, self._monotonic() - began, rechecks)
+
+    def _admit(self, controller_id: str | None, address: str | None) -> None:
+        if self._parked >= self.max_waiters:
+            raise TooManyWaiters(self.max_waiters, "server")
+        if controller_id is not None and self._by_controller[controller_id] >= (
+            self.max_per_controller
+        ):
+            raise TooManyWaiters(self.max_per_controller, "controller")
+        if address is not None and self._by_address[address] >= self.max_per_address:
+            raise TooManyWaiters(self.max_per_address, "address")
+        self._parked += 1
+        if controller_id is not None:
+            self._by_controller[controller_id] += 1
+        if address is not None:
+            self._by_address[address] += 1
+
+    def _release(self, controller_id: str | None, address: str | None) -> None:
+        self._parked -= 1
+        for counts, key in ((self._by_controller, controller_id), (self._by_address, address)):
+            if key is not None:
+                counts[key] -= 1
+                if counts[key] <= 0:
+                    del counts[key]  # keep the maps as small as the parked set
