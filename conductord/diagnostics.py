@@ -16,6 +16,7 @@ from typing import Any
 from conductord import logs
 from conductord.config import Config
 from conductord.lease import LeaseState
+from conductord.redact import clean
 from conductord.runtime import EXIT_DEGRADED, EXIT_OK, Runtime
 
 
@@ -37,7 +38,11 @@ def run_diagnostics(config: Config, *, as_json: bool) -> int:
     finally:
         runtime.stop()  # release whatever the start sequence took, even if a step raised
 
-    report = build_report(runtime.steps, snapshot)
+    # Redacted like a log line: a server could name the token as the lease holder.
+    report = clean(
+        build_report(runtime.steps, snapshot),
+        [config.shared_token] if config.shared_token else [],
+    )
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:

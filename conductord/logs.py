@@ -19,20 +19,17 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 from collections.abc import Iterable
 from typing import IO, Any
 
 import structlog
 
-from conductord.redact import redact, safe_text
+from conductord.redact import clean, safe_text
 
 LEVELS = ("debug", "info", "warning", "error")
 
 _LEADING_KEYS = ("timestamp", "level", "event")
-_MAX_DEPTH = 32  # deeper values are logged as their str(); a cycle ends here too
-_JSON_KEYS = (str, int, float, bool, type(None))
 
 
 def _leading_keys_first(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
@@ -54,31 +51,8 @@ class _Sanitizer:
     def __init__(self, secrets: Iterable[str]) -> None:
         self._secrets = tuple(s for s in secrets if s)
 
-    def _text(self, value: str) -> str:
-        value = safe_text(value)
-        return redact(value, self._secrets) if self._secrets else value
-
-    def _clean(self, value: Any, depth: int) -> Any:
-        if isinstance(value, str):
-            return self._text(value)
-        if value is None or isinstance(value, bool | int):
-            return value
-        if isinstance(value, float):
-            return value if math.isfinite(value) else str(value)  # NaN is not JSON
-        if depth < _MAX_DEPTH:
-            if isinstance(value, dict):
-                return {
-                    self._clean(k, depth + 1)
-                    if isinstance(k, _JSON_KEYS)
-                    else self._text(_safe_str(k)): self._clean(v, depth + 1)
-                    for k, v in value.items()
-                }
-            if isinstance(value, list | tuple | set | frozenset):
-                return [self._clean(v, depth + 1) for v in value]
-        return self._text(_safe_str(value))
-
     def __call__(self, _logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-        return self._clean(event_dict, 0)
+        return clean(event_dict, self._secrets)
 
 
 def _dumps(obj: Any, **kwargs: Any) -> str:

@@ -16,17 +16,27 @@ of the text when something does.
 
 `safe_text(text)` replaces lone surrogates (a JSON string may carry `"\\ud800"`, which cannot
 be encoded as UTF-8) by U+FFFD, so a server's string can be logged, served and printed.
+
+`clean(document, secrets)` is both at once for a whole JSON-like document: every string
+(keys included) made valid and redacted, every value made JSON-safe. Everything the node
+writes or serves goes through it: log lines, `/v1/status` and the other status bodies, the
+`--run-once` and `diagnose` documents, so a server that names the token as a lease holder
+cannot get it printed either.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
+from typing import Any
 
-__all__ = ["MASK", "MIN_PIECE", "redact", "safe_text"]
+__all__ = ["MASK", "MIN_PIECE", "clean", "redact", "safe_text"]
 
 MASK = "***"
 MIN_PIECE = 8
+_MAX_DEPTH = 32  # deeper values become their str(); a cycle ends here too
+_JSON_KEYS = (str, int, float, bool, type(None))
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -80,3 +90,40 @@ def _mask_pieces(text: str, secret: str, size: int) -> str:
         position = end
     parts.append(text[position:])
     return "".join(parts)
+
+
+def _safe_str(value: Any) -> str:
+    try:
+        return safe_text(str(value))
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
+
+
+def clean(value: Any, secrets: Iterable[str | None] = (), *, _depth: int = 0) -> Any:
+    """A JSON-safe copy of `value` with every string valid Unicode and redacted."""
+    kept = tuple(s for s in secrets if s)
+
+    def text(item: str) -> str:
+        item = safe_text(item)
+        return redact(item, kept) if kept else item
+
+    def walk(item: Any, depth: int) -> Any:
+        if isinstance(item, str):
+            return text(item)
+        if item is None or isinstance(item, bool | int):
+            return item
+        if isinstance(item, float):
+            return item if math.isfinite(item) else str(item)  # NaN is not JSON
+        if depth < _MAX_DEPTH:
+            if isinstance(item, dict):
+                return {
+                    walk(k, depth + 1) if isinstance(k, _JSON_KEYS) else text(_safe_str(k)): walk(
+                        v, depth + 1
+                    )
+                    for k, v in item.items()
+                }
+            if isinstance(item, list | tuple | set | frozenset):
+                return [walk(v, depth + 1) for v in item]
+        return text(_safe_str(item))
+
+    return walk(value, _depth)

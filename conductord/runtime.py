@@ -30,6 +30,7 @@ greenlet and must not block for long.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -59,6 +60,7 @@ from conductord.lease import (
     default_margin_s,
     startup_checklist,
 )
+from conductord.redact import clean
 from conductord.status import StatusServer, StatusServerError
 from conductord.wire import Heartbeat
 
@@ -511,15 +513,25 @@ class Runtime:
         self.crash(greenlet.exception)
 
     def crash(self, exc: BaseException) -> None:
-        """A bug surfaced (a loop or the start sequence raised): log it and stop the daemon."""
-        self.crashed = exc
-        self.log.error(
-            "conductor.crashed",
-            error=f"{type(exc).__name__}: {exc}",
-            snapshot=self.snapshot(),
-            exc_info=exc,
-        )
+        """A bug surfaced (a loop or the start sequence raised): log it and stop the daemon.
+
+        Never raises: the stop is requested first, and whatever fails while describing the
+        crash (a snapshot, a log line) is swallowed, so the process always gets to exit 1
+        instead of lingering without loops while /readyz still answers.
+        """
         self._stop_requested.set()
+        if self.crashed is None:
+            self.crashed = exc
+        try:
+            error = f"{type(exc).__name__}: {exc}"
+        except Exception:  # an exception whose str() raises
+            error = type(exc).__name__
+        try:
+            snapshot: Any = self.snapshot()
+        except Exception as inner:
+            snapshot = {"identity": self.config.node_id, "error": f"no snapshot: {inner!r}"}
+        with contextlib.suppress(Exception):
+            self.log.error("conductor.crashed", error=error, snapshot=snapshot, exc_info=exc)
 
     def _arm_deadline(self) -> None:
         """Make sure the deadline greenlet watches the current `valid_until`."""
@@ -668,7 +680,8 @@ def _serve(runtime: Runtime, *, run_once: bool) -> int:
     if runtime.crashed is not None:
         return EXIT_FAILURE
     if document is not None:
-        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        secrets = [runtime.config.shared_token] if runtime.config.shared_token else []
+        sys.stdout.write(json.dumps(clean(document, secrets), indent=2) + "\n")
         sys.stdout.flush()
         degraded = document["daemon"]["lease_state"] == str(LeaseState.DEGRADED)
         return EXIT_DEGRADED if degraded else EXIT_OK

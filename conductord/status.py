@@ -41,6 +41,7 @@ from prometheus_client.registry import Collector
 from conductord import __version__, httpserver
 from conductord.config import SETTINGS_BY_NAME
 from conductord.lease import JITTER, LeaseState
+from conductord.redact import clean
 
 __all__ = [
     "RuntimeCollector",
@@ -230,8 +231,11 @@ StartResponse = Callable[..., Any]
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
-def _json_bytes(document: Any) -> bytes:
-    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+def _json_bytes(document: Any, secrets: tuple[str, ...] = ()) -> bytes:
+    # Redacted like a log line: a server could name the token as the lease holder.
+    return json.dumps(clean(document, secrets), separators=(",", ":"), ensure_ascii=False).encode(
+        "utf-8"
+    )
 
 
 class _App:
@@ -239,6 +243,8 @@ class _App:
 
     def __init__(self, runtime: Any) -> None:
         self._runtime = runtime
+        token = runtime.config.shared_token
+        self._secrets: tuple[str, ...] = (token,) if token else ()
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(RuntimeCollector(runtime))
         self._routes: dict[str, Callable[[dict[str, Any]], tuple[int, str, bytes]]] = {
@@ -283,7 +289,7 @@ class _App:
 
     def _healthz(self, environ: dict[str, Any]) -> tuple[int, str, bytes]:
         ok, body = health(self._runtime)
-        return (200 if ok else 503), _JSON, _json_bytes(body)
+        return (200 if ok else 503), _JSON, _json_bytes(body, self._secrets)
 
     def _readyz(self, environ: dict[str, Any]) -> tuple[int, str, bytes]:
         machine = self._runtime.machine
@@ -294,10 +300,10 @@ class _App:
         }
         if degraded:
             body["last_error"] = machine.last_error
-        return (503 if degraded else 200), _JSON, _json_bytes(body)
+        return (503 if degraded else 200), _JSON, _json_bytes(body, self._secrets)
 
     def _status(self, environ: dict[str, Any]) -> tuple[int, str, bytes]:
-        return 200, _JSON, _json_bytes(self._runtime.snapshot())
+        return 200, _JSON, _json_bytes(self._runtime.snapshot(), self._secrets)
 
     def _metrics(self, environ: dict[str, Any]) -> tuple[int, str, bytes]:
         encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
