@@ -54,7 +54,7 @@ from _common import (
 )
 
 TARGET_RSS_MB = 45.0
-TARGET_CPU_S_PER_HOUR = 4.0
+TARGET_CPU_S_PER_HOUR = 5.0  # SPEC §18 re-set it (from §11's 4.0) for public APIs only
 TARGET_STARTUP_S = 1.0
 DEFAULT_INTERVAL_S = 5.0
 SETTLE_S = 2.0
