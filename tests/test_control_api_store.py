@@ -454,3 +454,31 @@ def test_heartbeat_upserts_in_either_form_and_leaves_no_transaction_open(db_path
 
 def test_heartbeat_uses_returning_on_a_library_that_has_it(store):
     assert store._upsert_returning == (sqlite3.sqlite_version_info >= (3, 35, 0))
+
+
+# -- imports flow one way (issue 20) --------------------------------------------------------------
+
+
+def test_neither_store_module_imports_the_other():
+    # A fresh interpreter: what each module pulls in by itself. The PostgreSQL store needs
+    # only the shared base; the SQLite module reaches PostgreSQL only inside open_store().
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, importlib; importlib.import_module(sys.argv[1]);"
+        " print(' '.join(sorted(m for m in sys.modules if m.startswith('conductord.control_api'))))"
+    )
+
+    def loaded(module: str) -> set[str]:
+        result = subprocess.run(
+            [sys.executable, "-c", probe, module],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return set(result.stdout.split())
+
+    assert "conductord.control_api.store" not in loaded("conductord.control_api.store_postgres")
+    assert "conductord.control_api.store_postgres" not in loaded("conductord.control_api.store")

@@ -63,7 +63,7 @@ from marshmallow import ValidationError
 
 from conductord import httpserver, wire
 from conductord.control_api.rules import AcquireDecision, LeaseRow, ReleaseDecision
-from conductord.control_api.store import ControllerRow, Store, StoreError
+from conductord.control_api.store_base import ControllerRow, Store, StoreError
 from conductord.control_api.waiters import (
     DEFAULT_MAX_PER_ADDRESS,
     DEFAULT_MAX_PER_CONTROLLER,

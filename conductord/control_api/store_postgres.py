@@ -77,7 +77,7 @@ from conductord.control_api.rules import (
     decide_acquire,
     decide_release,
 )
-from conductord.control_api.store import (
+from conductord.control_api.store_base import (
     INSTANCE_RETENTION_SEC,
     ControllerRow,
     StoreError,

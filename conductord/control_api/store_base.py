@@ -1,0 +1,150 @@
+"""What every store of the reference Control API shares: the `Store` interface and its rows.
+
+`store.py` (SQLite, and `open_store`) and `store_postgres.py` (PostgreSQL) both import from
+here and never from each other, so the imports flow one way: app -> store -> store_base <-
+store_postgres (`open_store` imports the PostgreSQL store lazily, after the entry point's
+monkey-patching, and only when asked for).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from conductord.control_api.rules import AcquireDecision, LeaseRow, ReleaseDecision
+from conductord.wire import Heartbeat
+
+__all__ = [
+    "INSTANCE_RETENTION_SEC",
+    "POSTGRES_SCHEMES",
+    "Clock",
+    "ControllerRow",
+    "Store",
+    "StoreError",
+    "describe_db",
+    "dsn_secrets",
+    "with_instances",
+]
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+# Instance rows of controllers not heard of for this long are dropped.
+INSTANCE_RETENTION_SEC = 86_400.0
+
+Clock = Callable[[], float]
+
+
+class StoreError(Exception):
+    """The store cannot be opened or used; the message is one line fit for an operator."""
+
+
+@dataclass(frozen=True)
+class ControllerRow:
+    """A controller as last heard of. `last_seen_at` is the server clock; the rest is reported."""
+
+    controller_id: str
+    host: str
+    role: str | None
+    priority: int | None
+    status: str | None
+    version: str | None
+    heartbeat_at: int | None
+    started_at: int | None
+    first_seen_at: float
+    last_seen_at: float
+    instance_id: str | None = None
+    # Every instance heard of under this id, newest first: (instance_id, host, last_seen_at).
+    instances: tuple[tuple[str, str, float], ...] = ()
+
+    def seconds_since_heartbeat(self, now: float) -> float:
+        return max(0.0, now - self.last_seen_at)
+
+    def recent_instances(self, now: float, window_sec: float) -> list[tuple[str, str, float]]:
+        """The instances that heartbeated within `window_sec` of `now`."""
+        return [entry for entry in self.instances if now - entry[2] <= window_sec]
+
+
+class Store(Protocol):
+    """What the Control API app needs from storage. Implementations are safe to share.
+
+    Optional: `watch(callback: Callable[[], None]) -> None`, for a store shared by several
+    server processes; it calls `callback` (from a greenlet) whenever another process changed
+    the lease, so parked wait-for-lease requests look again (SPEC §12). SqliteStore has none:
+    one process, whose own releases and grants wake its waiters.
+    """
+
+    def acquire(
+        self,
+        *,
+        controller_id: str,
+        host: str,
+        ttl_sec: int,
+        preferred: bool,
+        metadata_json: str | None = None,
+        client_now: float | None = None,
+        instance_id: str | None = None,
+    ) -> AcquireDecision: ...
+
+    def release(
+        self, *, controller_id: str, term: int, instance_id: str | None = None
+    ) -> ReleaseDecision: ...
+
+    def heartbeat(self, heartbeat: Heartbeat) -> ControllerRow: ...
+
+    def leader(self) -> LeaseRow | None: ...
+
+    def controllers(self) -> list[ControllerRow]: ...
+
+    def now(self) -> float:
+        """Wall-clock unix seconds: what rows are stamped with, for display only."""
+        ...
+
+    def lease_time(self) -> float:
+        """The decision clock that `LeaseRow.deadline` is on (monotonic, never steps)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def describe_db(db: str) -> str:
+    """`--db` fit for logs and errors: a path made absolute, a URL with its password masked."""
+    if not db.startswith(POSTGRES_SCHEMES):
+        return os.path.abspath(db)
+    parts = urlsplit(db)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hosts = netloc.rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        netloc = f"{user}:***@{hosts}" if colon else f"{user}@{hosts}"
+    query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def dsn_secrets(db: str) -> list[str]:
+    """The password(s) inside a PostgreSQL URL, as written and decoded, for log redaction."""
+    if not db.startswith(POSTGRES_SCHEMES):
+        return []
+    parts = urlsplit(db)
+    found = []
+    userinfo, at, _hosts = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        found.append(userinfo.partition(":")[2])
+    found += re.findall(r"(?:^|&)password=([^&]*)", parts.query)
+    return sorted({form for raw in found if raw for form in (raw, unquote(raw))}, key=len)[::-1]
+
+
+def with_instances(
+    controllers: list[ControllerRow], instances: list[tuple[str, str, str, float]]
+) -> list[ControllerRow]:
+    """`controllers` with their `instances` filled from (controller_id, instance, host, seen)."""
+    by_id: dict[str, list[tuple[str, str, float]]] = {}
+    for controller_id, instance_id, host, seen in instances:
+        by_id.setdefault(controller_id, []).append((instance_id, host, seen))
+    return [
+        dataclasses.replace(row, instances=tuple(by_id.get(row.controller_id, ())))
+        for row in controllers
+    ]
