@@ -396,6 +396,38 @@ def test_a_denial_needs_no_write_lock_but_a_change_does(db_path, clock):
         s.close()
 
 
+def test_an_instance_conflict_takes_the_write_lock_once_to_record_it(db_path, clock):
+    s = SqliteStore(db_path, clock=clock, lease_clock=clock, busy_timeout_ms=200)
+
+    def second_process():
+        return s.acquire(
+            controller_id="a", host="a-host", ttl_sec=10, preferred=False, instance_id="i-2"
+        )
+
+    try:
+        s.acquire(controller_id="a", host="a-host", ttl_sec=10, preferred=False, instance_id="i-1")
+        other = _hold_write_lock(db_path)
+        try:
+            with pytest.raises(StoreError, match="locked"):
+                second_process()  # the first conflict of (term 1, i-2) is a history entry
+        finally:
+            other.rollback()
+            other.close()
+        assert second_process().conflict
+        other = _hold_write_lock(db_path)
+        try:
+            assert second_process().conflict  # recorded: a snapshot decides it, no lock
+        finally:
+            other.rollback()
+            other.close()
+        assert [(e.reason, e.instance_id) for e in s.history(10)] == [
+            ("instance_conflict", "i-2"),
+            ("granted", "i-1"),
+        ]
+    finally:
+        s.close()
+
+
 class _StaleSnapshotStore(SqliteStore):
     """Its first read of the lease sees no lease at all, as a snapshot taken long ago would."""
 

@@ -38,8 +38,15 @@ SQLite specifics:
   deadline is exact and kept.
 - Heartbeats record the sender's instance in `controller_instances`, so two processes with one
   controller id show up (SPEC §15); rows not heard of for a day are pruned.
-- The schema is versioned with `PRAGMA user_version` and migrated forward on open; a newer
-  database than this code knows is refused rather than guessed at.
+- Lease history (SPEC §16, `store_base.history_entry`): each grant, takeover, release and
+  instance conflict adds a `lease_history` row in the transaction that decided it, and the
+  oldest rows past `history_keep` go in the same transaction. An instance conflict, which a
+  denial-only snapshot would not write, takes the write lock once per (term, instance): a
+  unique index keeps one entry, and `RecordedConflicts` spares the refused process's every
+  later request the lock.
+- The schema is versioned with `PRAGMA user_version` and migrated forward on open (1 -> 2 -> 3,
+  all steps in one transaction); a newer database than this code knows is refused
+  rather than guessed at.
 - The database file is created mode 0600 before SQLite opens it; SQLite gives the `-wal` and
   `-shm` files the mode of the database file. Existing files keep their mode.
 - One connection per store, guarded by a lock: SQLite calls do not yield to gevent, so each
@@ -49,6 +56,7 @@ SQLite specifics:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sqlite3
 import threading
@@ -66,14 +74,19 @@ from conductord.control_api.rules import (
     decide_release,
 )
 from conductord.control_api.store_base import (
+    HISTORY_KEEP,
     INSTANCE_RETENTION_SEC,
     POSTGRES_SCHEMES,
     Clock,
     ControllerRow,
+    HistoryEntry,
+    RecordedConflicts,
     Store,
     StoreError,
     describe_db,
     dsn_secrets,
+    history_entry,
+    needs_previous,
     with_instances,
 )
 from conductord.wire import Heartbeat
@@ -82,6 +95,7 @@ from conductord.wire import Heartbeat
 __all__ = [
     "SCHEMA_VERSION",
     "ControllerRow",
+    "HistoryEntry",
     "SqliteStore",
     "Store",
     "StoreError",
@@ -90,7 +104,7 @@ __all__ = [
     "open_store",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def open_store(db: str, *, clock: Clock = time.time) -> Store:
@@ -163,6 +177,25 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         )
         """,
     ),
+    # SPEC §16: every change of holder or term; one instance conflict per (term, instance).
+    3: (
+        """
+        CREATE TABLE lease_history (
+            id INTEGER PRIMARY KEY,
+            lease_name TEXT NOT NULL,
+            at REAL NOT NULL,
+            term INTEGER NOT NULL,
+            holder_id TEXT NOT NULL,
+            holder_host TEXT NOT NULL,
+            previous_holder_id TEXT,
+            reason TEXT NOT NULL,
+            instance_id TEXT
+        )
+        """,
+        "CREATE INDEX lease_history_terms ON lease_history (lease_name, term)",
+        "CREATE UNIQUE INDEX lease_history_conflicts ON lease_history"
+        " (lease_name, term, instance_id) WHERE reason = 'instance_conflict'",
+    ),
 }
 
 _LEASE_COLUMNS = (
@@ -182,6 +215,25 @@ _UPSERT_CONTROLLER = f"""
         heartbeat_at = excluded.heartbeat_at, started_at = excluded.started_at,
         last_seen_at = excluded.last_seen_at,
         instance_id = coalesce(excluded.instance_id, controllers.instance_id)
+"""
+_HISTORY_COLUMNS = "at, term, holder_id, holder_host, previous_holder_id, reason, instance_id"
+# A repeated instance conflict of one (term, instance) meets the unique index and adds nothing.
+_INSERT_HISTORY = f"""
+    INSERT INTO lease_history (lease_name, {_HISTORY_COLUMNS})
+    VALUES (:lease_name, :at, :term, :holder_id, :holder_host, :previous_holder_id, :reason,
+            :instance_id)
+    ON CONFLICT DO NOTHING
+"""
+# The holder of the term before `term`, as its grant recorded it.
+_PREVIOUS_HOLDER = """
+    SELECT previous_holder_id FROM lease_history
+    WHERE lease_name = ? AND term = ? AND reason IN ('granted', 'taken_over')
+    ORDER BY id DESC LIMIT 1
+"""
+# Everything older than the newest `keep` entries (the subquery is NULL while there are fewer).
+_TRIM_HISTORY = """
+    DELETE FROM lease_history
+    WHERE id <= (SELECT id FROM lease_history ORDER BY id DESC LIMIT 1 OFFSET ?)
 """
 _UPSERT_INSTANCE = """
     INSERT INTO controller_instances (controller_id, instance_id, host, last_seen_at)
@@ -211,6 +263,7 @@ class SqliteStore:
 
     `clock` stamps rows (wall time); `lease_clock` decides expiry and `boot_id` names the boot
     its readings belong to (tests inject both to stage a restart on another boot).
+    `history_keep` is how many lease history entries are kept (tests make it small).
     """
 
     def __init__(
@@ -221,8 +274,11 @@ class SqliteStore:
         lease_clock: Clock = lease_clocks.lease_clock,
         boot_id: Callable[[], str | None] = lease_clocks.boot_id,
         busy_timeout_ms: int = 5000,
+        history_keep: int = HISTORY_KEEP,
     ):
         self.path = path
+        self._history_keep = history_keep
+        self._conflicts = RecordedConflicts()
         self._clock = clock
         self._lease_clock = lease_clock
         self._boot_id = boot_id()
@@ -367,9 +423,10 @@ class SqliteStore:
         # A denial from a snapshot equals the request arriving at that snapshot, so it needs
         # no write lock. Anything that would change the row is decided afresh under the lock
         # below; the snapshot's decision is never written (it may be stale by then).
+        # An instance conflict changes no row but is a history entry, once per (term, instance).
         with self._autocommit() as conn:
             decision = decide(self._read_lease(conn, lease_name))
-        if not decision.changed:
+        if not (decision.changed or self._unrecorded_conflict(decision, instance_id)):
             return decision
         with self._immediate() as conn:
             decision = decide(self._read_lease(conn, lease_name))
@@ -377,7 +434,9 @@ class SqliteStore:
                 # The client's clock is kept for diagnosis only; it decides nothing.
                 recorded = client_now if decision.is_leader else None
                 self._write_lease(conn, decision.row, client_now=recorded)
-            return decision
+            conflict = self._record(conn, decision, instance_id)
+        self._conflicts.add(conflict)  # once committed
+        return decision
 
     def release(
         self,
@@ -399,7 +458,9 @@ class SqliteStore:
             )
             if decision.changed and decision.row is not None:
                 self._write_lease(conn, decision.row, client_now=None)
-            return decision
+            conflict = self._record(conn, decision, instance_id)
+        self._conflicts.add(conflict)  # once committed
+        return decision
 
     def heartbeat(self, heartbeat: Heartbeat) -> ControllerRow:
         hb = heartbeat
@@ -449,6 +510,15 @@ class SqliteStore:
             ).fetchall()
         return with_instances([ControllerRow(*values) for values in rows], instances)
 
+    def history(self, limit: int, lease_name: str = LEASE_NAME) -> list[HistoryEntry]:
+        with self._autocommit() as conn:
+            rows = conn.execute(
+                f"SELECT {_HISTORY_COLUMNS} FROM lease_history WHERE lease_name = ?"
+                " ORDER BY id DESC LIMIT ?",
+                (lease_name, limit),
+            ).fetchall()
+        return [HistoryEntry(*values) for values in rows]
+
     def close(self) -> None:
         with self._lock:
             if not self._closed:
@@ -456,6 +526,41 @@ class SqliteStore:
                 self._conn.close()
 
     # -- rows -----------------------------------------------------------------------------
+
+    def _unrecorded_conflict(self, decision: AcquireDecision, instance_id: str | None) -> bool:
+        return decision.conflict and not self._conflicts.known(
+            (decision.row.lease_name, decision.row.term, instance_id)
+        )
+
+    def _record(
+        self,
+        conn: sqlite3.Connection,
+        decision: AcquireDecision | ReleaseDecision,
+        instance_id: str | None,
+    ) -> tuple[str, int, str | None] | None:
+        """Add the history entry `decision` makes, if any, in the caller's transaction.
+
+        Returns the (lease, term, instance) of an instance conflict, for `RecordedConflicts`
+        once the transaction has committed.
+        """
+        entry = history_entry(decision, instance_id=instance_id, at=self._clock())
+        if entry is None or decision.row is None:
+            return None
+        lease_name = decision.row.lease_name
+        conflict = (lease_name, entry.term, entry.instance_id)
+        if entry.reason == "instance_conflict" and self._conflicts.known(conflict):
+            return None
+        if needs_previous(entry):
+            found = conn.execute(_PREVIOUS_HOLDER, (lease_name, entry.term)).fetchone()
+            entry = dataclasses.replace(
+                entry, previous_holder_id=found[0] if found is not None else None
+            )
+        cursor = conn.execute(
+            _INSERT_HISTORY, {"lease_name": lease_name, **dataclasses.asdict(entry)}
+        )
+        if cursor.rowcount == 1:
+            conn.execute(_TRIM_HISTORY, (self._history_keep,))
+        return conflict if entry.reason == "instance_conflict" else None
 
     @staticmethod
     def _read_lease(conn: sqlite3.Connection, lease_name: str) -> LeaseRow | None:
