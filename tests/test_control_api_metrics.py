@@ -106,7 +106,7 @@ def test_metrics_need_no_token_and_count_requests_by_route_and_status(server):
     assert moved(requests_total, route="/metrics", status="200") == 2  # the scrapes between
     assert after.labels(requests_total, "route") <= {
         "/healthz", "/metrics", "other", ACQUIRE, RELEASE, HEARTBEAT, "/v1/leader",
-    }  # fmt: skip
+    }
     duration = f"{PREFIX}request_duration_seconds"
     assert after.families[duration].type == "histogram"
     assert moved(f"{duration}_count", route=ACQUIRE) == 3
@@ -132,7 +132,7 @@ def test_metrics_need_no_token_and_count_requests_by_route_and_status(server):
             "requests", "request_duration_seconds", "holder_changes", "store_errors",
             "instance_conflicts", "waiters", "lease_term", "lease_live", "lease_seconds_left",
         )
-    }  # fmt: skip
+    }
     assert "process_cpu_seconds_total" in after.text  # the standard collectors stay
 
 

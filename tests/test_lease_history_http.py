@@ -107,7 +107,7 @@ def test_the_default_limit_is_100_and_at_most_1000_are_given(api):
     "query",
     ["?limit=0", "?limit=1001", "?limit=-1", "?limit=abc", "?limit=", "?limit=1.5",
      "?limit=1&limit=2", "?limit=%00", f"?limit={'9' * 5000}"],
-)  # fmt: skip
+)
 def test_a_bad_limit_is_a_400_envelope(api, query):
     response = history(api, query)
     assert response.status_code == 400, response.text
