@@ -192,7 +192,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             instance_id TEXT
         )
         """,
-        "CREATE INDEX lease_history_terms ON lease_history (lease_name, term)",
+        # Newest first, and a release's grant is found walking back from the newest.
+        "CREATE INDEX lease_history_recent ON lease_history (lease_name, id)",
         "CREATE UNIQUE INDEX lease_history_conflicts ON lease_history"
         " (lease_name, term, instance_id) WHERE reason = 'instance_conflict'",
     ),
