@@ -1,10 +1,10 @@
 """The `conductord` command line: parse, dispatch, map outcomes to exit codes.
 
 Commands: `[start]` (the default), `config`, `checklist`, `diagnose` (what
-`scripts/run_once.py` runs), `help`, `status`, `control-api`, plus `--version` and
+`scripts/run_once.py` runs), `help`, `status`, `fleet`, `control-api`, plus `--version` and
 `-h/--help`. Every config option comes from the settings table `config.SETTINGS`, so the
 parser and `help` cannot drift apart. Commands that are clients of something else live in
-`conductord.commands` (`status`); `control-api` is the reference server's own entry point.
+`conductord.commands` (`status`, `fleet`); `control-api` is the reference server's own entry point.
 
 Exit codes: 0 ok, 1 unexpected failure, 2 usage or config error, 3 degraded / unhealthy (the
 last one is returned by the commands themselves). Errors are one line each on stderr, never a
@@ -41,9 +41,10 @@ __all__ = ["HelpRequested", "help_text", "main", "parse_start_argv"]
 # command -> (module, function) of the commands that other modules implement.
 _DELEGATED: dict[str, tuple[str, str]] = {
     "status": ("conductord.commands.status", "main"),
+    "fleet": ("conductord.commands.fleet", "main"),
     "control-api": ("conductord.control_api.server", "main"),
 }
-_COMMANDS = ("start", "config", "checklist", "diagnose", "help", "status", "control-api")
+_COMMANDS = ("start", "config", "checklist", "diagnose", "help", "status", "fleet", "control-api")
 
 
 class HelpRequested(Exception):
@@ -106,6 +107,7 @@ def help_text() -> str:
         "       conductord checklist [--json]",
         "       conductord diagnose [--json] [options]   (also: scripts/run_once.py)",
         "       conductord status [--local-api URL] [--json]",
+        "       conductord fleet [--control-api-base URL[,URL…]] [--json] [options]",
         "       conductord control-api [--listen HOST:PORT] [--db PATH]"
         " [--shared-token T | --shared-token-file F]",
         "       conductord help | -h | --help",
@@ -118,6 +120,8 @@ def help_text() -> str:
         "  diagnose      run the start sequence once and report each step, the snapshot,",
         "                the warnings and a verdict (--json: as JSON); exit 0, or 3 degraded",
         "  status        ask a running node's local status endpoint (see: status --help)",
+        "  fleet         the controllers, the lease and its recent history, from the Control",
+        "                API; exit 0 with a leader, 3 without one (see: fleet --help)",
         "  control-api   run the reference Control API server (see: control-api --help)",
         "  help          print this text",
         "",

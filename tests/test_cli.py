@@ -292,7 +292,7 @@ def test_commands_as_subprocesses(tmp_path: Path) -> None:
 
     errors = {
         "unknown-command": 'conductord: error: unknown command "boss" (commands: start, config,'
-        " checklist, diagnose, help, status, control-api)\n",
+        " checklist, diagnose, help, status, fleet, control-api)\n",
         "unknown-option": "conductord: error: unknown option --bogus\n",
         "missing-value": "conductord: error: argument --role: expected one argument\n",
         "config-error": 'conductord: error: --role / BAA_CONDUCTOR_ROLE must be "primary" or'

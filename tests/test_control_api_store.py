@@ -396,6 +396,38 @@ def test_a_denial_needs_no_write_lock_but_a_change_does(db_path, clock):
         s.close()
 
 
+def test_an_instance_conflict_takes_the_write_lock_once_to_record_it(db_path, clock):
+    s = SqliteStore(db_path, clock=clock, lease_clock=clock, busy_timeout_ms=200)
+
+    def second_process():
+        return s.acquire(
+            controller_id="a", host="a-host", ttl_sec=10, preferred=False, instance_id="i-2"
+        )
+
+    try:
+        s.acquire(controller_id="a", host="a-host", ttl_sec=10, preferred=False, instance_id="i-1")
+        other = _hold_write_lock(db_path)
+        try:
+            with pytest.raises(StoreError, match="locked"):
+                second_process()  # the first conflict of (term 1, i-2) is a history entry
+        finally:
+            other.rollback()
+            other.close()
+        assert second_process().conflict
+        other = _hold_write_lock(db_path)
+        try:
+            assert second_process().conflict  # recorded: a snapshot decides it, no lock
+        finally:
+            other.rollback()
+            other.close()
+        assert [(e.reason, e.instance_id) for e in s.history(10)] == [
+            ("instance_conflict", "i-2"),
+            ("granted", "i-1"),
+        ]
+    finally:
+        s.close()
+
+
 class _StaleSnapshotStore(SqliteStore):
     """Its first read of the lease sees no lease at all, as a snapshot taken long ago would."""
 
@@ -454,3 +486,31 @@ def test_heartbeat_upserts_in_either_form_and_leaves_no_transaction_open(db_path
 
 def test_heartbeat_uses_returning_on_a_library_that_has_it(store):
     assert store._upsert_returning == (sqlite3.sqlite_version_info >= (3, 35, 0))
+
+
+# -- imports flow one way (issue 20) --------------------------------------------------------------
+
+
+def test_neither_store_module_imports_the_other():
+    # A fresh interpreter: what each module pulls in by itself. The PostgreSQL store needs
+    # only the shared base; the SQLite module reaches PostgreSQL only inside open_store().
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, importlib; importlib.import_module(sys.argv[1]);"
+        " print(' '.join(sorted(m for m in sys.modules if m.startswith('conductord.control_api'))))"
+    )
+
+    def loaded(module: str) -> set[str]:
+        result = subprocess.run(
+            [sys.executable, "-c", probe, module],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return set(result.stdout.split())
+
+    assert "conductord.control_api.store" not in loaded("conductord.control_api.store_postgres")
+    assert "conductord.control_api.store_postgres" not in loaded("conductord.control_api.store")

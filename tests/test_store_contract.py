@@ -38,10 +38,13 @@ class FakeClock:
 @dataclass
 class Backend:
     name: str
-    open: Callable[[], object]  # a new store on this test's database
+    open: Callable[..., object]  # a new store on this test's database (keywords: its options)
     advance: Callable[[float], None]  # let this much time pass for the stored leases
     set_schema_version: Callable[[int], None]
     real_clock: Callable[[], object]  # a store on the same database using the real clock
+    # Write the database an older release left: schema `version` (1 or 2, by that release's
+    # migrations) holding a live lease of term 7 held by "a" with a 30 s TTL.
+    write_old_schema: Callable[[int], None]
 
 
 def _sqlite_backend(tmp_path) -> Iterator[Backend]:
@@ -57,12 +60,30 @@ def _sqlite_backend(tmp_path) -> Iterator[Backend]:
         with sqlite3.connect(path) as conn:
             conn.execute(f"PRAGMA user_version = {version}")
 
+    def write_old_schema(version: int) -> None:
+        import sqlite3
+
+        from conductord.control_api.store import _MIGRATIONS
+
+        columns = "lease_name, holder_id, holder_host, term, lease_expires_at, renewed_at"
+        with sqlite3.connect(path) as conn:
+            for step in range(1, version + 1):
+                for statement in _MIGRATIONS[step]:
+                    conn.execute(statement)
+            conn.execute(
+                f"INSERT INTO leases ({columns}, released, updated_at)"
+                " VALUES ('global', 'a', 'a-host', 7, ?, ?, 0, ?)",
+                (clock.now + 30, clock.now, clock.now),
+            )
+            conn.execute(f"PRAGMA user_version = {version}")
+
     yield Backend(
         "sqlite",
-        lambda: SqliteStore(path, clock=clock, lease_clock=clock),
+        lambda **options: SqliteStore(path, clock=clock, lease_clock=clock, **options),
         advance,
         set_version,
         lambda: SqliteStore(path),
+        write_old_schema,
     )
 
 
@@ -86,12 +107,31 @@ def _postgres_backend() -> Iterator[Backend]:
         def set_version(version: int) -> None:
             admin(dsn, f"INSERT INTO schema_version VALUES ({version}, 0)")
 
+        def write_old_schema(version: int) -> None:
+            from conductord.control_api.store_postgres import _MIGRATIONS
+
+            now = "extract(epoch FROM clock_timestamp())"
+            statements = [
+                "CREATE TABLE schema_version ("
+                " version integer PRIMARY KEY, migrated_at double precision NOT NULL)",
+                *(statement for step in range(1, version + 1) for statement in _MIGRATIONS[step]),
+                "INSERT INTO leases (lease_name, holder_id, holder_host, term, lease_expires_at,"
+                f" renewed_at, released, updated_at) VALUES ('global', 'a', 'a-host', 7,"
+                f" {now} + 30, {now}, false, {now})",
+                *(f"INSERT INTO schema_version VALUES ({n}, 0)" for n in range(1, version + 1)),
+            ]
+            for statement in statements:
+                admin(dsn, statement)
+
         yield Backend(
             "postgres",
-            lambda: PostgresStore(dsn, min_size=1, max_size=4, lease_clock=clock),
+            lambda **options: PostgresStore(
+                dsn, min_size=1, max_size=4, lease_clock=clock, **options
+            ),
             advance,
             set_version,
             lambda: PostgresStore(dsn, min_size=1, max_size=4),
+            write_old_schema,
         )
 
 
@@ -374,6 +414,91 @@ def test_heartbeats_list_every_instance_of_an_id(store, backend):
     assert [entry[:2] for entry in rows["a"].instances] == [("i-2", "mini-2"), ("i-1", "mini-1")]
     assert len(rows["a"].recent_instances(store.now(), window_sec=30)) == 2
     assert rows["b"].instances == ()
+
+
+# -- lease history (SPEC §16), both stores -------------------------------------------------------
+
+
+def _history(store, limit=100):
+    return [
+        (entry.reason, entry.term, entry.holder_id, entry.holder_host, entry.previous_holder_id)
+        for entry in store.history(limit)
+    ]
+
+
+def test_history_records_every_change_of_holder_or_term_and_no_renewal(opened, backend):
+    store, other = opened(), opened()  # two server processes on one database
+    assert store.history(100) == []
+    assert _as(store, "a", "i-a").operation == "acquire"
+    for _ in range(3):
+        backend.advance(2)
+        assert _as(store, "a", "i-a").operation == "renew"  # not a change
+        assert _as(other, "b", "i-b").operation == "deny"  # nor is a denial
+    assert _history(store) == [("granted", 1, "a", "a-host", None)]
+
+    backend.advance(11)  # a's lease lapses unreleased: b takes it over
+    assert _as(other, "b", "i-b").operation == "acquire"
+    assert other.release(controller_id="b", term=2, instance_id="i-b").released
+    assert other.release(controller_id="b", term=2, instance_id="i-b").released  # a retry
+    assert _as(store, "a", "i-a").operation == "acquire"  # a free lease: granted
+
+    # A second process of "a": one entry per (term, instance), whichever server it asks and
+    # whether it renews or releases.
+    for server in (store, other, store):
+        assert _as(server, "a", "i-x").conflict
+    assert other.release(controller_id="a", term=3, instance_id="i-x").conflict
+    assert _as(other, "a", "i-y").conflict
+
+    expected = [
+        ("instance_conflict", 3, "a", "a-host", "b"),
+        ("instance_conflict", 3, "a", "a-host", "b"),
+        ("granted", 3, "a", "a-host", "b"),
+        ("released", 2, "b", "b-host", "a"),
+        ("taken_over", 2, "b", "b-host", "a"),
+        ("granted", 1, "a", "a-host", None),
+    ]
+    assert _history(store) == expected
+    assert _history(other) == expected  # the same database, whichever process reads it
+    entries = store.history(100)
+    assert [e.instance_id for e in entries] == ["i-y", "i-x", "i-a", "i-b", "i-b", "i-a"]
+    assert entries[0].at == pytest.approx(store.now(), abs=2.0)  # server time, unix seconds
+    assert [e.at for e in entries] == sorted((e.at for e in entries), reverse=True)
+    assert _history(store, limit=2) == expected[:2]  # newest first
+
+
+def test_history_keeps_only_the_newest_entries(opened, backend):
+    store = opened(lambda: backend.open(history_keep=5))
+    for term in range(1, 5):
+        assert acquire(store, "a").row.term == term
+        assert store.release(controller_id="a", term=term).released
+    assert [(reason, term) for reason, term, *_ in _history(store)] == [
+        ("released", 4),
+        ("granted", 4),
+        ("released", 3),
+        ("granted", 3),
+        ("released", 2),
+    ]
+    # Trimming loses nothing it still needs: a release finds its term's grant.
+    assert _history(store, limit=1) == [("released", 4, "a", "a-host", "a")]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_database_of_an_older_schema_upgrades_in_place(opened, backend, version):
+    backend.write_old_schema(version)
+    store = opened()
+    assert store.schema_version == 3
+    row = store.leader()
+    assert (row.holder_id, row.holder_host, row.term) == ("a", "a-host", 7)
+    assert acquire(store, "b").operation == "deny"  # the lease stayed live through the upgrade
+    assert store.history(100) == []  # nothing was recorded before the upgrade
+    assert store.release(controller_id="a", term=7).released
+    assert acquire(store, "b").row.term == 8
+    assert _history(store) == [
+        ("granted", 8, "b", "b-host", "a"),
+        ("released", 7, "a", "a-host", None),  # who held term 6 was never recorded
+    ]
+    store.close()
+    assert opened().schema_version == 3  # and it opens again as it is
 
 
 # -- PostgreSQL: expiry on each process's own clock (SPEC §15) -----------------------------------

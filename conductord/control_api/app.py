@@ -11,7 +11,9 @@ Routes:
   POST /v1/leader/release          release by the holder of that term
   GET  /v1/leader                  the lease row, live or not, seconds left, parked waiters
   GET  /v1/controllers             the controllers with seconds since their last heartbeat
+  GET  /v1/leader/history?limit=N  the lease history, newest first (SPEC §16)
   GET  /healthz                    liveness of the app and its store; needs no token
+  GET  /metrics                    Prometheus metrics (`metrics.py`); needs no token, counts only
 
 Every body goes through its `wire` schema (`schema.load`). Before that the JSON itself must be
 plain: valid UTF-8, no NaN or Infinity, no float that overflows, no integer outside the signed
@@ -39,6 +41,14 @@ with a `watch(callback)` method (one shared by several server processes) gets
 The server finds out whether a parked client is still connected through the accepted socket the
 server puts in the environ under `SOCKET_ENVIRON_KEY` (absent: assumed connected).
 
+Metrics (`metrics.py`, SPEC §16): `_respond` counts and times every envelope answered,
+`__call__` hands `/metrics` to `_metrics` before dispatch (it answers in Prometheus' text format,
+without a token), and the store handlers report each lease decision and store error.
+
+Lease history: `GET /v1/leader/history?limit=N` (default 100, 1 to 1000, anything else a 400)
+answers `{"entries": [...]}` newest first, each `{at, term, holder_id, holder_host,
+previous_holder_id, reason}`, from `Store.history` (written by the stores, `store_base`).
+
 Logs: lease grants, takeovers after expiry, releases and auth failures at info/warning, and
 `lease.waiters_full` (a 429) at warning; renewals, denials, each request and each finished wait
 (`lease.wait`: controller_id, end, waited_ms, rechecks) at debug only, so a steady fleet logs
@@ -58,12 +68,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qs
 
 from marshmallow import ValidationError
 
 from conductord import httpserver, wire
+from conductord.control_api import metrics
 from conductord.control_api.rules import AcquireDecision, LeaseRow, ReleaseDecision
-from conductord.control_api.store import ControllerRow, Store, StoreError
+from conductord.control_api.store_base import ControllerRow, HistoryEntry, Store, StoreError
 from conductord.control_api.waiters import (
     DEFAULT_MAX_PER_ADDRESS,
     DEFAULT_MAX_PER_CONTROLLER,
@@ -86,6 +98,10 @@ CONFLICT_LOG_INTERVAL_S = 60.0
 # Without a lease to take the TTL from, two instances heartbeating within this window are
 # reported as a duplicate id.
 DUPLICATE_WINDOW_S = 30.0
+# `GET /v1/leader/history?limit=N` (SPEC §16).
+HISTORY_PATH = "/v1/leader/history"
+HISTORY_DEFAULT_LIMIT = 100
+HISTORY_MAX_LIMIT = 1000
 
 StartResponse = Callable[..., Any]
 
@@ -179,6 +195,18 @@ def release_result(decision: ReleaseDecision) -> wire.ReleaseResult:
     return wire.ReleaseResult(released=decision.released, supported=True, lease=lease)
 
 
+def history_record(entry: HistoryEntry) -> dict[str, Any]:
+    """A lease history entry as `GET /v1/leader/history` shows it (SPEC §16)."""
+    return {
+        "at": _wire_time(entry.at),
+        "term": entry.term,
+        "holder_id": entry.holder_id,
+        "holder_host": entry.holder_host,
+        "previous_holder_id": entry.previous_holder_id,
+        "reason": entry.reason,
+    }
+
+
 def controller_record(row: ControllerRow, now: float, window_sec: float) -> dict[str, Any]:
     """A controller as `GET /v1/controllers` shows it; `duplicate` when two instances of its
     id heartbeated within `window_sec` (SPEC §15: a copied config, a second process)."""
@@ -247,8 +275,10 @@ class ControlApiApp:
             "/v1/leader/release": {"POST": self._release},
             "/v1/leader": {"GET": self._leader},
             "/v1/controllers": {"GET": self._controllers},
+            HISTORY_PATH: {"GET": self._history},
         }
         self._public = frozenset({"/healthz"})
+        self.metrics = metrics.ControlApiMetrics(store, self._routes, lambda: self.waiters.parked)
         # Schemas are stateless once built; building one per request would cost more than SQLite.
         self._heartbeat_schema = wire.HeartbeatRequestSchema()
         self._acquire_schema = wire.AcquireRequestSchema()
@@ -263,6 +293,8 @@ class ControlApiApp:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
         started = time.perf_counter()
         request = _request(environ)
+        if request.path == metrics.PATH:  # text, not an envelope
+            return self._metrics(request, start_response, started)
         try:
             status, headers = 200, []
             body = wire.success_envelope(self._dispatch(request), request.request_id)
@@ -323,6 +355,7 @@ class ControlApiApp:
         started: float,
     ) -> list[bytes]:
         payload = _ENCODER.encode(body).encode("utf-8")
+        self.metrics.observe(request.path, status, time.perf_counter() - started)
         start_response(
             f"{status} {_REASONS.get(status, 'Error')}",
             [
@@ -361,6 +394,7 @@ class ControlApiApp:
         try:
             return handler(request)
         except StoreError as exc:
+            self.metrics.store_error()
             self._log.error(
                 "store.error", path=request.path, request_id=request.request_id, error=str(exc)
             )
@@ -484,6 +518,7 @@ class ControlApiApp:
             client_now=body.get("now"),
             instance_id=body.get("instance_id"),
         )
+        self.metrics.decided(decision, body.get("instance_id"))
         if decision.operation == "acquire":
             # A new holder: parked waiters look again (they park on, now until the new expiry).
             self.waiters.wake(decision.row.lease_name)
@@ -496,6 +531,7 @@ class ControlApiApp:
             term=body["term"],
             instance_id=body.get("instance_id"),
         )
+        self.metrics.decided(decision, body.get("instance_id"))
         if decision.conflict and decision.row is not None:
             self._log_conflict(decision.row, body.get("instance_id"), "release", request)
         if decision.released and decision.changed and decision.row is not None:
@@ -540,6 +576,36 @@ class ControlApiApp:
             "controllers": [controller_record(row, now, window) for row in rows],
             "server_time": _wire_time(now),
         }
+
+    def _history(self, request: Request) -> dict[str, Any]:
+        limit = _history_limit(request.environ.get("QUERY_STRING", ""))
+        return {"entries": [history_record(entry) for entry in self._store.history(limit)]}
+
+    def _metrics(
+        self, request: Request, start_response: StartResponse, started: float
+    ) -> list[bytes]:
+        """`GET /metrics` in Prometheus' text format (or OpenMetrics, when asked for)."""
+        if request.method != "GET":
+            error = HttpError(
+                405,
+                "method_not_allowed",
+                f"{request.method} is not allowed on {request.path}; use GET",
+                headers=[("Allow", "GET")],
+            )
+            status, headers, body = self._refusal(request, error)
+            return self._respond(request, start_response, status, headers, body, started)
+        content_type, payload = self.metrics.exposition(request.environ.get("HTTP_ACCEPT", ""))
+        self.metrics.observe(request.path, 200, time.perf_counter() - started)
+        start_response(
+            "200 OK",
+            [
+                ("Content-Type", content_type),
+                ("Content-Length", str(len(payload))),
+                ("Cache-Control", "no-store"),
+                ("X-Request-Id", request.request_id),
+            ],
+        )
+        return [payload]
 
     # -- logs ------------------------------------------------------------------------------
 
@@ -626,6 +692,24 @@ def _request_id(environ: Mapping[str, Any]) -> str:
     if given and _REQUEST_ID.fullmatch(given):
         return given
     return os.urandom(16).hex()  # 128 random bits, as a uuid4 had, without the UUID object
+
+
+def _history_limit(query: str) -> int:
+    """`limit` of a history query: 1..HISTORY_MAX_LIMIT, default HISTORY_DEFAULT_LIMIT."""
+    values = parse_qs(query, keep_blank_values=True).get("limit", [])
+    if not values:
+        return HISTORY_DEFAULT_LIMIT
+    text = values[0].strip()
+    if len(values) == 1 and text.isascii() and text.isdigit() and len(text) <= 6:
+        limit = int(text)
+        if 1 <= limit <= HISTORY_MAX_LIMIT:
+            return limit
+    raise HttpError(
+        400,
+        "invalid_request",
+        f"limit must be one integer from 1 to {HISTORY_MAX_LIMIT}",
+        details={"limit": [f"Must be an integer from 1 to {HISTORY_MAX_LIMIT}."]},
+    )
 
 
 def _client_connected(environ: Mapping[str, Any]) -> bool:

@@ -1,7 +1,8 @@
-"""Storage of the reference Control API: a small interface and its SQLite implementation.
+"""Storage of the reference Control API: the SQLite store, and `open_store()` to pick one.
 
-The app talks to a `Store` only (acquire, release, heartbeat, leader, controllers, close), so
-the PostgreSQL store (`store_postgres.py`, `--db postgresql://…`, an optional extra) sits beside
+The app talks to a `Store` only (acquire, release, heartbeat, leader, controllers, close; the
+interface and its rows are in `store_base.py`, shared with the PostgreSQL store), so the
+PostgreSQL store (`store_postgres.py`, `--db postgresql://…`, an optional extra) sits beside
 `SqliteStore` and `open_store()` picks one by the `--db` value. Lease decisions come from
 `rules.py`; a store only reads the row, asks the rules, and writes the result inside one
 transaction, reading the server clock after it holds the write lock, so that a decision that
@@ -37,8 +38,15 @@ SQLite specifics:
   deadline is exact and kept.
 - Heartbeats record the sender's instance in `controller_instances`, so two processes with one
   controller id show up (SPEC §15); rows not heard of for a day are pruned.
-- The schema is versioned with `PRAGMA user_version` and migrated forward on open; a newer
-  database than this code knows is refused rather than guessed at.
+- Lease history (SPEC §16, `store_base.history_entry`): each grant, takeover, release and
+  instance conflict adds a `lease_history` row in the transaction that decided it, and the
+  oldest rows past `history_keep` go in the same transaction. An instance conflict, which a
+  denial-only snapshot would not write, takes the write lock once per (term, instance): a
+  unique index keeps one entry, and `RecordedConflicts` spares the refused process's every
+  later request the lock.
+- The schema is versioned with `PRAGMA user_version` and migrated forward on open (1 -> 2 -> 3,
+  all steps in one transaction); a newer database than this code knows is refused
+  rather than guessed at.
 - The database file is created mode 0600 before SQLite opens it; SQLite gives the `-wal` and
   `-shm` files the mode of the database file. Existing files keep their mode.
 - One connection per store, guarded by a lock: SQLite calls do not yield to gevent, so each
@@ -50,15 +58,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Protocol
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 from conductord import clock as lease_clocks
 from conductord.control_api.rules import (
@@ -69,88 +73,38 @@ from conductord.control_api.rules import (
     decide_acquire,
     decide_release,
 )
+from conductord.control_api.store_base import (
+    HISTORY_KEEP,
+    INSTANCE_RETENTION_SEC,
+    POSTGRES_SCHEMES,
+    Clock,
+    ControllerRow,
+    HistoryEntry,
+    RecordedConflicts,
+    Store,
+    StoreError,
+    describe_db,
+    dsn_secrets,
+    history_entry,
+    needs_previous,
+    with_instances,
+)
 from conductord.wire import Heartbeat
 
-SCHEMA_VERSION = 2
-# Instance rows of controllers not heard of for this long are dropped.
-INSTANCE_RETENTION_SEC = 86_400.0
+# What callers import from here (the interface lives in store_base, shared with PostgreSQL).
+__all__ = [
+    "SCHEMA_VERSION",
+    "ControllerRow",
+    "HistoryEntry",
+    "SqliteStore",
+    "Store",
+    "StoreError",
+    "describe_db",
+    "dsn_secrets",
+    "open_store",
+]
 
-Clock = Callable[[], float]
-
-
-class StoreError(Exception):
-    """The store cannot be opened or used; the message is one line fit for an operator."""
-
-
-@dataclass(frozen=True)
-class ControllerRow:
-    """A controller as last heard of. `last_seen_at` is the server clock; the rest is reported."""
-
-    controller_id: str
-    host: str
-    role: str | None
-    priority: int | None
-    status: str | None
-    version: str | None
-    heartbeat_at: int | None
-    started_at: int | None
-    first_seen_at: float
-    last_seen_at: float
-    instance_id: str | None = None
-    # Every instance heard of under this id, newest first: (instance_id, host, last_seen_at).
-    instances: tuple[tuple[str, str, float], ...] = ()
-
-    def seconds_since_heartbeat(self, now: float) -> float:
-        return max(0.0, now - self.last_seen_at)
-
-    def recent_instances(self, now: float, window_sec: float) -> list[tuple[str, str, float]]:
-        """The instances that heartbeated within `window_sec` of `now`."""
-        return [entry for entry in self.instances if now - entry[2] <= window_sec]
-
-
-class Store(Protocol):
-    """What the Control API app needs from storage. Implementations are safe to share.
-
-    Optional: `watch(callback: Callable[[], None]) -> None`, for a store shared by several
-    server processes; it calls `callback` (from a greenlet) whenever another process changed
-    the lease, so parked wait-for-lease requests look again (SPEC §12). SqliteStore has none:
-    one process, whose own releases and grants wake its waiters.
-    """
-
-    def acquire(
-        self,
-        *,
-        controller_id: str,
-        host: str,
-        ttl_sec: int,
-        preferred: bool,
-        metadata_json: str | None = None,
-        client_now: float | None = None,
-        instance_id: str | None = None,
-    ) -> AcquireDecision: ...
-
-    def release(
-        self, *, controller_id: str, term: int, instance_id: str | None = None
-    ) -> ReleaseDecision: ...
-
-    def heartbeat(self, heartbeat: Heartbeat) -> ControllerRow: ...
-
-    def leader(self) -> LeaseRow | None: ...
-
-    def controllers(self) -> list[ControllerRow]: ...
-
-    def now(self) -> float:
-        """Wall-clock unix seconds: what rows are stamped with, for display only."""
-        ...
-
-    def lease_time(self) -> float:
-        """The decision clock that `LeaseRow.deadline` is on (monotonic, never steps)."""
-        ...
-
-    def close(self) -> None: ...
-
-
-POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+SCHEMA_VERSION = 3
 
 
 def open_store(db: str, *, clock: Clock = time.time) -> Store:
@@ -172,33 +126,6 @@ def open_store(db: str, *, clock: Clock = time.time) -> Store:
             ) from None
         return PostgresStore(db)
     return SqliteStore(db, clock=clock)
-
-
-def describe_db(db: str) -> str:
-    """`--db` fit for logs and errors: a path made absolute, a URL with its password masked."""
-    if not db.startswith(POSTGRES_SCHEMES):
-        return os.path.abspath(db)
-    parts = urlsplit(db)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hosts = netloc.rpartition("@")
-        user, colon, _password = userinfo.partition(":")
-        netloc = f"{user}:***@{hosts}" if colon else f"{user}@{hosts}"
-    query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", parts.query)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
-
-
-def dsn_secrets(db: str) -> list[str]:
-    """The password(s) inside a PostgreSQL URL, as written and decoded, for log redaction."""
-    if not db.startswith(POSTGRES_SCHEMES):
-        return []
-    parts = urlsplit(db)
-    found = []
-    userinfo, at, _hosts = parts.netloc.rpartition("@")
-    if at and ":" in userinfo:
-        found.append(userinfo.partition(":")[2])
-    found += re.findall(r"(?:^|&)password=([^&]*)", parts.query)
-    return sorted({form for raw in found if raw for form in (raw, unquote(raw))}, key=len)[::-1]
 
 
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -250,6 +177,26 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         )
         """,
     ),
+    # SPEC §16: every change of holder or term; one instance conflict per (term, instance).
+    3: (
+        """
+        CREATE TABLE lease_history (
+            id INTEGER PRIMARY KEY,
+            lease_name TEXT NOT NULL,
+            at REAL NOT NULL,
+            term INTEGER NOT NULL,
+            holder_id TEXT NOT NULL,
+            holder_host TEXT NOT NULL,
+            previous_holder_id TEXT,
+            reason TEXT NOT NULL,
+            instance_id TEXT
+        )
+        """,
+        # Newest first, and a release's grant is found walking back from the newest.
+        "CREATE INDEX lease_history_recent ON lease_history (lease_name, id)",
+        "CREATE UNIQUE INDEX lease_history_conflicts ON lease_history"
+        " (lease_name, term, instance_id) WHERE reason = 'instance_conflict'",
+    ),
 }
 
 _LEASE_COLUMNS = (
@@ -269,6 +216,25 @@ _UPSERT_CONTROLLER = f"""
         heartbeat_at = excluded.heartbeat_at, started_at = excluded.started_at,
         last_seen_at = excluded.last_seen_at,
         instance_id = coalesce(excluded.instance_id, controllers.instance_id)
+"""
+_HISTORY_COLUMNS = "at, term, holder_id, holder_host, previous_holder_id, reason, instance_id"
+# A repeated instance conflict of one (term, instance) meets the unique index and adds nothing.
+_INSERT_HISTORY = f"""
+    INSERT INTO lease_history (lease_name, {_HISTORY_COLUMNS})
+    VALUES (:lease_name, :at, :term, :holder_id, :holder_host, :previous_holder_id, :reason,
+            :instance_id)
+    ON CONFLICT DO NOTHING
+"""
+# The holder of the term before `term`, as its grant recorded it.
+_PREVIOUS_HOLDER = """
+    SELECT previous_holder_id FROM lease_history
+    WHERE lease_name = ? AND term = ? AND reason IN ('granted', 'taken_over')
+    ORDER BY id DESC LIMIT 1
+"""
+# Everything older than the newest `keep` entries (the subquery is NULL while there are fewer).
+_TRIM_HISTORY = """
+    DELETE FROM lease_history
+    WHERE id <= (SELECT id FROM lease_history ORDER BY id DESC LIMIT 1 OFFSET ?)
 """
 _UPSERT_INSTANCE = """
     INSERT INTO controller_instances (controller_id, instance_id, host, last_seen_at)
@@ -298,6 +264,7 @@ class SqliteStore:
 
     `clock` stamps rows (wall time); `lease_clock` decides expiry and `boot_id` names the boot
     its readings belong to (tests inject both to stage a restart on another boot).
+    `history_keep` is how many lease history entries are kept (tests make it small).
     """
 
     def __init__(
@@ -308,8 +275,11 @@ class SqliteStore:
         lease_clock: Clock = lease_clocks.lease_clock,
         boot_id: Callable[[], str | None] = lease_clocks.boot_id,
         busy_timeout_ms: int = 5000,
+        history_keep: int = HISTORY_KEEP,
     ):
         self.path = path
+        self._history_keep = history_keep
+        self._conflicts = RecordedConflicts()
         self._clock = clock
         self._lease_clock = lease_clock
         self._boot_id = boot_id()
@@ -454,9 +424,10 @@ class SqliteStore:
         # A denial from a snapshot equals the request arriving at that snapshot, so it needs
         # no write lock. Anything that would change the row is decided afresh under the lock
         # below; the snapshot's decision is never written (it may be stale by then).
+        # An instance conflict changes no row but is a history entry, once per (term, instance).
         with self._autocommit() as conn:
             decision = decide(self._read_lease(conn, lease_name))
-        if not decision.changed:
+        if not (decision.changed or self._unrecorded_conflict(decision, instance_id)):
             return decision
         with self._immediate() as conn:
             decision = decide(self._read_lease(conn, lease_name))
@@ -464,7 +435,9 @@ class SqliteStore:
                 # The client's clock is kept for diagnosis only; it decides nothing.
                 recorded = client_now if decision.is_leader else None
                 self._write_lease(conn, decision.row, client_now=recorded)
-            return decision
+            conflict = self._record(conn, decision, instance_id)
+        self._conflicts.add(conflict)  # once committed
+        return decision
 
     def release(
         self,
@@ -486,7 +459,9 @@ class SqliteStore:
             )
             if decision.changed and decision.row is not None:
                 self._write_lease(conn, decision.row, client_now=None)
-            return decision
+            conflict = self._record(conn, decision, instance_id)
+        self._conflicts.add(conflict)  # once committed
+        return decision
 
     def heartbeat(self, heartbeat: Heartbeat) -> ControllerRow:
         hb = heartbeat
@@ -536,6 +511,15 @@ class SqliteStore:
             ).fetchall()
         return with_instances([ControllerRow(*values) for values in rows], instances)
 
+    def history(self, limit: int, lease_name: str = LEASE_NAME) -> list[HistoryEntry]:
+        with self._autocommit() as conn:
+            rows = conn.execute(
+                f"SELECT {_HISTORY_COLUMNS} FROM lease_history WHERE lease_name = ?"
+                " ORDER BY id DESC LIMIT ?",
+                (lease_name, limit),
+            ).fetchall()
+        return [HistoryEntry(*values) for values in rows]
+
     def close(self) -> None:
         with self._lock:
             if not self._closed:
@@ -543,6 +527,41 @@ class SqliteStore:
                 self._conn.close()
 
     # -- rows -----------------------------------------------------------------------------
+
+    def _unrecorded_conflict(self, decision: AcquireDecision, instance_id: str | None) -> bool:
+        return decision.conflict and not self._conflicts.known(
+            (decision.row.lease_name, decision.row.term, instance_id)
+        )
+
+    def _record(
+        self,
+        conn: sqlite3.Connection,
+        decision: AcquireDecision | ReleaseDecision,
+        instance_id: str | None,
+    ) -> tuple[str, int, str | None] | None:
+        """Add the history entry `decision` makes, if any, in the caller's transaction.
+
+        Returns the (lease, term, instance) of an instance conflict, for `RecordedConflicts`
+        once the transaction has committed.
+        """
+        entry = history_entry(decision, instance_id=instance_id, at=self._clock())
+        if entry is None or decision.row is None:
+            return None
+        lease_name = decision.row.lease_name
+        conflict = (lease_name, entry.term, entry.instance_id)
+        if entry.reason == "instance_conflict" and self._conflicts.known(conflict):
+            return None
+        if needs_previous(entry):
+            found = conn.execute(_PREVIOUS_HOLDER, (lease_name, entry.term)).fetchone()
+            entry = dataclasses.replace(
+                entry, previous_holder_id=found[0] if found is not None else None
+            )
+        cursor = conn.execute(
+            _INSERT_HISTORY, {"lease_name": lease_name, **dataclasses.asdict(entry)}
+        )
+        if cursor.rowcount == 1:
+            conn.execute(_TRIM_HISTORY, (self._history_keep,))
+        return conflict if entry.reason == "instance_conflict" else None
 
     @staticmethod
     def _read_lease(conn: sqlite3.Connection, lease_name: str) -> LeaseRow | None:
@@ -591,15 +610,3 @@ class SqliteStore:
             # Belt and braces: the rules never lower a term; refuse to store one that would.
             raise StoreError(f"refused to lower the term of lease {row.lease_name!r}")
 
-
-def with_instances(
-    controllers: list[ControllerRow], instances: list[tuple[str, str, str, float]]
-) -> list[ControllerRow]:
-    """`controllers` with their `instances` filled from (controller_id, instance, host, seen)."""
-    by_id: dict[str, list[tuple[str, str, float]]] = {}
-    for controller_id, instance_id, host, seen in instances:
-        by_id.setdefault(controller_id, []).append((instance_id, host, seen))
-    return [
-        dataclasses.replace(row, instances=tuple(by_id.get(row.controller_id, ())))
-        for row in controllers
-    ]

@@ -28,8 +28,15 @@ Design:
   no failed request once it is back). Sessions get a `statement_timeout` (a request never hangs
   on the database) and an `idle_in_transaction_session_timeout` (a frozen server process cannot
   hold the lease row lock for the whole fleet).
+- Lease history (SPEC §16, `store_base.history_entry`): each grant, takeover, release and
+  instance conflict adds a `lease_history` row in the transaction that decided it, under the
+  lease row lock, so the ids follow the decisions of every process; the oldest rows past
+  `history_keep` go in the same transaction. A unique index keeps one instance conflict per
+  (term, instance) across processes; `RecordedConflicts` spares a refused process's later
+  requests the insert in this one.
 - Schema: a `schema_version` table; migrations run on open under an advisory lock (several
-  servers may start at once) and a newer schema than this code knows is refused.
+  servers may start at once), all steps in one transaction, and a newer schema than this code
+  knows is refused.
 - Errors: every psycopg failure becomes a one-line `StoreError` (the app answers 503, the
   server exits 2 at start); the DSN's password is masked in every message.
 - Cross-process wake (SPEC §12): every lease write `NOTIFY conductord_lease` in its
@@ -77,18 +84,23 @@ from conductord.control_api.rules import (
     decide_acquire,
     decide_release,
 )
-from conductord.control_api.store import (
+from conductord.control_api.store_base import (
+    HISTORY_KEEP,
     INSTANCE_RETENTION_SEC,
     ControllerRow,
+    HistoryEntry,
+    RecordedConflicts,
     StoreError,
     describe_db,
     dsn_secrets,
+    history_entry,
+    needs_previous,
     with_instances,
 )
 from conductord.logs import get_logger
 from conductord.wire import Heartbeat
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 NOTIFY_CHANNEL = "conductord_lease"
 CLOCK_REFRESH_SEC = 5.0
 
@@ -156,6 +168,26 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         )
         """,
     ),
+    # SPEC §16: every change of holder or term; one instance conflict per (term, instance).
+    3: (
+        """
+        CREATE TABLE lease_history (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            lease_name text NOT NULL,
+            at double precision NOT NULL,
+            term bigint NOT NULL,
+            holder_id text NOT NULL,
+            holder_host text NOT NULL,
+            previous_holder_id text,
+            reason text NOT NULL,
+            instance_id text
+        )
+        """,
+        # Newest first, and a release's grant is found walking back from the newest.
+        "CREATE INDEX lease_history_recent ON lease_history (lease_name, id)",
+        "CREATE UNIQUE INDEX lease_history_conflicts ON lease_history"
+        " (lease_name, term, instance_id) WHERE reason = 'instance_conflict'",
+    ),
 }
 
 _CLOCK = "extract(epoch FROM clock_timestamp())::float8"
@@ -184,6 +216,25 @@ _UPDATE_LEASE = f"""
         updated_at = {_CLOCK}
     WHERE lease_name = %(lease_name)s AND term <= %(term)s
     RETURNING revision
+"""
+_HISTORY_COLUMNS = "at, term, holder_id, holder_host, previous_holder_id, reason, instance_id"
+# A repeated instance conflict of one (term, instance) meets the unique index and adds nothing.
+_INSERT_HISTORY = f"""
+    INSERT INTO lease_history (lease_name, {_HISTORY_COLUMNS})
+    VALUES (%(lease_name)s, %(at)s, %(term)s, %(holder_id)s, %(holder_host)s,
+            %(previous_holder_id)s, %(reason)s, %(instance_id)s)
+    ON CONFLICT DO NOTHING
+"""
+# Everything older than the newest `keep` entries (the subquery is NULL while there are fewer).
+_TRIM_HISTORY = """
+    DELETE FROM lease_history
+    WHERE id <= (SELECT id FROM lease_history ORDER BY id DESC LIMIT 1 OFFSET %s)
+"""
+# The holder of the term before `term`, as its grant recorded it.
+_PREVIOUS_HOLDER = """
+    SELECT previous_holder_id FROM lease_history
+    WHERE lease_name = %s AND term = %s AND reason IN ('granted', 'taken_over')
+    ORDER BY id DESC LIMIT 1
 """
 # The controller upsert and, when the sender names its instance, the instance upsert, in one
 # round trip.
@@ -232,8 +283,11 @@ class PostgresStore:
         idle_in_transaction_timeout_ms: int = 10000,
         log: Any = None,
         lease_clock: Clock = lease_clocks.lease_clock,
+        history_keep: int = HISTORY_KEEP,
     ) -> None:
         self.display = describe_db(dsn)
+        self._history_keep = history_keep
+        self._conflicts = RecordedConflicts()
         self._lease_clock = lease_clock
         # lease name -> (revision, lease-clock time this process first saw it); see module doc.
         self._sightings: dict[str, tuple[int, float]] = {}
@@ -408,7 +462,9 @@ class PostgresStore:
                 # it is no new revision (it must keep ageing in every process's view).
                 change = {"acquire": "change", "renew": "renew"}.get(decision.operation)
                 self._write_lease(conn, decision.row, decided_at, change, client_now=recorded)
-            return decision
+            conflict = self._record(conn, decision, instance_id, wall)
+        self._conflicts.add(conflict)  # once committed
+        return decision
 
     def release(
         self,
@@ -432,7 +488,9 @@ class PostgresStore:
             )
             if decision.changed and decision.row is not None:
                 self._write_lease(conn, decision.row, decided_at, "change", client_now=None)
-            return decision
+            conflict = self._record(conn, decision, instance_id, wall)
+        self._conflicts.add(conflict)  # once committed
+        return decision
 
     def heartbeat(self, heartbeat: Heartbeat) -> ControllerRow:
         with self._connection() as conn:
@@ -464,6 +522,15 @@ class PostgresStore:
                 " ORDER BY last_seen_at DESC"
             ).fetchall()
         return with_instances([ControllerRow(*values) for values in rows], instances)
+
+    def history(self, limit: int, lease_name: str = LEASE_NAME) -> list[HistoryEntry]:
+        with self._connection() as conn:
+            rows = conn.execute(
+                f"SELECT {_HISTORY_COLUMNS} FROM lease_history WHERE lease_name = %s"
+                " ORDER BY id DESC LIMIT %s",
+                (lease_name, limit),
+            ).fetchall()
+        return [HistoryEntry(*values) for values in rows]
 
     def watch(self, callback: Callback) -> None:
         """Call `callback()` whenever any server changes the lease holder (see module doc)."""
@@ -529,6 +596,38 @@ class PostgresStore:
         conn.execute(
             "SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, f"{row.lease_name} {revision} {change}")
         )
+
+    def _record(
+        self,
+        conn: psycopg.Connection,
+        decision: AcquireDecision | ReleaseDecision,
+        instance_id: str | None,
+        wall: float,
+    ) -> tuple[str, int, str | None] | None:
+        """Add the history entry `decision` makes, if any, in the caller's transaction (which
+        holds the lease row lock, so entries are numbered in decision order across processes).
+
+        Returns the (lease, term, instance) of an instance conflict, for `RecordedConflicts`
+        once the transaction has committed.
+        """
+        entry = history_entry(decision, instance_id=instance_id, at=wall)
+        if entry is None or decision.row is None:
+            return None
+        lease_name = decision.row.lease_name
+        conflict = (lease_name, entry.term, entry.instance_id)
+        if entry.reason == "instance_conflict" and self._conflicts.known(conflict):
+            return None
+        if needs_previous(entry):
+            found = conn.execute(_PREVIOUS_HOLDER, (lease_name, entry.term)).fetchone()
+            entry = dataclasses.replace(
+                entry, previous_holder_id=found[0] if found is not None else None
+            )
+        cursor = conn.execute(
+            _INSERT_HISTORY, {"lease_name": lease_name, **dataclasses.asdict(entry)}
+        )
+        if cursor.rowcount == 1:
+            conn.execute(_TRIM_HISTORY, (self._history_keep,))
+        return conflict if entry.reason == "instance_conflict" else None
 
     def _on_notify(self, payload: str) -> bool:
         """Note a revision another process wrote; True when the holder changed (wake)."""
