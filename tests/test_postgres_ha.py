@@ -319,3 +319,43 @@ def test_diagnose_tells_a_shared_store_from_a_sqlite_one(ha, tmp_path):
     assert section["shared_store"] is False
     assert [c["store"] for c in section["endpoints"]] == ["postgresql", "sqlite"]
     assert any(alone.url in w and "SQLite" in w for w in report["warnings"])
+
+
+# -- PostgreSQL itself fails over -------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known: store_postgres keys its first sightings by revision alone, and a failover"
+    " that lost a write reuses that revision (docs/postgres.md, PostgreSQL failover)",
+)
+def test_a_failover_that_lost_a_renewal_never_grants_beside_the_next_one(tmp_path):
+    """Asynchronous replication: the promoted replica lacks the last renewal, acknowledged to
+    the holder and seen by process A. After the failover (longer than a TTL) the holder renews
+    through process B, which writes that revision number again; A, which first saw the lost
+    write a TTL ago, must not take the new renewal for an expired lease."""
+    import psycopg
+
+    from conductord.control_api.store_postgres import PostgresStore
+
+    ttl = 1
+    with fresh_schema(require_dsn()) as dsn:
+        a, b = PostgresStore(dsn), PostgresStore(dsn)
+        try:
+            lease = {"host": "h", "ttl_sec": ttl, "preferred": False}
+            a.acquire(controller_id="h1", instance_id="i1", **lease)
+            with psycopg.connect(dsn) as conn:  # what the replica has: this write, no later one
+                replica = conn.execute("SELECT * FROM leases")
+                columns, values = [c.name for c in replica.description], replica.fetchone()
+            assert a.acquire(controller_id="h1", instance_id="i1", **lease).operation == "renew"
+            time.sleep(ttl + 0.3)  # the failover; the holder's renewals fail meanwhile
+            with psycopg.connect(dsn) as conn:  # the replica is promoted: the renewal is gone
+                assignments = ", ".join(f"{column} = %s" for column in columns)
+                conn.execute(f"UPDATE leases SET {assignments}", values)
+            renewed = b.acquire(controller_id="h1", instance_id="i1", **lease)
+            assert (renewed.operation, renewed.is_leader) == ("renew", True)  # h1 leads again
+            other = a.acquire(controller_id="h3", instance_id="i3", **lease)
+            assert not other.is_leader, f"h3 granted term {other.row.term} beside h1's renewal"
+        finally:
+            a.close()
+            b.close()
