@@ -203,10 +203,8 @@ def _store_of(data: Any) -> str | None:
     return store if isinstance(store, str) and store else None
 
 
-def _check_one(
-    base_url: str, *, token: str | None, timeout_ms: int, clock: Callable[[], float]
-) -> EndpointCheck:
-    began = clock()
+def _check_one(base_url: str, *, token: str | None, timeout_ms: int) -> EndpointCheck:
+    began = time.monotonic()
     check = EndpointCheck(base_url)
     with _session() as session:
         try:
@@ -215,7 +213,7 @@ def _check_one(
             check = _read_lease(session, check, token=token, timeout_ms=timeout_ms)
         except ControlApiError as err:
             check = replace(check, error=str(err))
-    return replace(check, duration_ms=round((clock() - began) * 1000, 1))
+    return replace(check, duration_ms=round((time.monotonic() - began) * 1000, 1))
 
 
 def _read_lease(
@@ -249,17 +247,14 @@ def check_endpoints(
     token: str | None,
     timeout_ms: int,
     in_use: str | None = None,
-    clock: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
     """Check every URL (see the module docstring); a JSON-ready section for `diagnose`:
     `base_urls`, `in_use`, `endpoints` (one `EndpointCheck` dict each, in the given order),
     `shared_store` (True, False or None: cannot tell), `shared_store_detail`, `warnings`."""
-    tick = clock or time.monotonic
-    checks = _all_at_once(
-        lambda url: _check_one(url, token=token, timeout_ms=timeout_ms, clock=tick), urls
-    )
+    checks = _all_at_once(lambda url: _check_one(url, token=token, timeout_ms=timeout_ms), urls)
     shared, detail = judge(checks)
-    if shared is False and len({(c.term, c.holder_id) for c in checks if c.lease_read}) > 1:
+    on_sqlite = any(c.store == "sqlite" for c in checks)
+    if shared is False and not on_sqlite:
         # Perhaps the lease changed between the reads (a grant, a takeover): read once more.
         def again(check: EndpointCheck) -> EndpointCheck:
             with _session() as session:
