@@ -200,7 +200,10 @@ def _interpret(path: str, status: int, reason: str, raw: bytes, secrets: Sequenc
 
 def _store_of(data: Any) -> str | None:
     store = data.get("store") if isinstance(data, dict) else None
-    return store if isinstance(store, str) and store else None
+    # Shown as it is only when it is one we know; anything else is a server's text.
+    if store in ("sqlite", "postgresql"):
+        return store
+    return _server_text(store, (), 40) if isinstance(store, str) and store else None
 
 
 def _check_one(base_url: str, *, token: str | None, timeout_ms: int) -> EndpointCheck:
@@ -226,11 +229,13 @@ def _read_lease(
     term = lease.get("term")
     holder = lease.get("holder_id")
     live = data.get("is_live")
+    secrets = (token,) if token else ()
     return replace(
         check,
         lease_read=True,
         term=term if isinstance(term, int) and not isinstance(term, bool) else None,
-        holder_id=holder if isinstance(holder, str) else None,
+        # A server's text: a holder id could even be the token (redacted like a log line).
+        holder_id=_server_text(holder, secrets, _TEXT_CHARS) if isinstance(holder, str) else None,
         lease_live=live if isinstance(live, bool) else None,
     )
 

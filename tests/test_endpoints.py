@@ -126,6 +126,15 @@ def test_failures_are_the_spec_texts_without_the_token(servers):
     assert TOKEN not in repr(section)
 
 
+def test_a_holder_id_that_is_the_token_is_redacted(servers):
+    one, two = servers
+    for server in servers:
+        server.default("/healthz", healthz()).default("/v1/leader", leader(2, TOKEN))
+    section = check_endpoints([one.url, two.url], token=TOKEN, timeout_ms=1000)
+    assert [c.holder_id for c in only(section)] == ["***", "***"]
+    assert TOKEN[:8] not in repr(section)
+
+
 @pytest.mark.parametrize(
     "reply,expected",
     [
