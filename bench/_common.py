@@ -218,7 +218,9 @@ def is_event(name: str) -> Callable[[Event], bool]:
 class ControlApi:
     """The reference Control API as a subprocess; `.url`, `.token`, `.proc`.
 
-    `extra_args` go on its command line after the others (e.g. `["--no-long-poll"]`).
+    `extra_args` go on its command line after the others (e.g. `["--no-long-poll"]`); `port`
+    0 picks a free one (a restart on the same port passes the one it had); `env` is added to
+    the child's environment (e.g. `PGPASSWORD`, which must never be on the command line).
     """
 
     def __init__(
@@ -228,6 +230,8 @@ class ControlApi:
         token: str,
         log_level: str = "info",
         extra_args: Sequence[str] = (),
+        port: int = 0,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.token = token
         self.db_path = db_path
@@ -236,14 +240,14 @@ class ControlApi:
                 *CONDUCTORD,
                 "control-api",
                 "--listen",
-                "127.0.0.1:0",
+                f"127.0.0.1:{port}",
                 "--db",
                 db_path,
                 "--log-level",
                 log_level,
                 *extra_args,
             ],
-            env=child_env(BAA_SHARED_TOKEN=token),
+            env=child_env(BAA_SHARED_TOKEN=token, **(env or {})),
             name="control-api",
         )
         listening = self.proc.wait_for(is_event("control_api.listening"), timeout=30)

@@ -6,6 +6,7 @@ Rerun (from the repository root, about 4 minutes at the defaults):
     .venv/bin/python bench/failover.py                       # both modes, 30 + 30 trials each
     .venv/bin/python bench/failover.py --mode longpoll       # one mode only
     .venv/bin/python bench/failover.py --trials 5 --nodes 2  # quick look
+    .venv/bin/python bench/failover.py --control-apis 2 --api-kill   # SPEC §17, PostgreSQL
 
 Modes: `--mode both` (default) runs polling, then long-poll, each with a fresh reference
 Control API (`conductord control-api`, its own SQLite file) and a fresh fleet, so neither run
@@ -22,6 +23,17 @@ with its status endpoint on. Crash and graceful trials alternate; before each, a
 of up to one renew interval puts the signal at a random phase of the leader's renew cycle.
 After each trial the signalled node is restarted (same node id), so the fleet keeps `--nodes`
 members.
+
+Several Control API processes (SPEC §17): `--control-apis N` (N >= 2 needs `--store postgres`,
+the default then) starts N processes over one fresh schema of the PostgreSQL server
+(`--postgres-dsn`, default `CONDUCTORD_TEST_POSTGRES_DSN` or the test server's DSN file; the
+password reaches the servers in `PGPASSWORD`, never argv). Every node lists all N URLs, node i
+starting at process i mod N, so standbys park on different processes. `--api-kill` adds a third
+trial kind after crash and graceful: `kill -9` of the process the leader uses (read from its
+`/v1/status`), then one TTL of watching: the time until the leader's next successful lease call
+(through another process; target below the step-down margin, so it never loses its lease),
+lease transitions on every node (target 0), and whether it still leads with the same term. The
+process is then restarted on its port.
 
 Measured per trial: from a wall-clock stamp taken just before the signal to the `timestamp` of
 another node's `lease.transition` line with `to_state: leader` (all processes share this
@@ -64,6 +76,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +99,8 @@ from _common import (
     progress,
     rounded,
 )
+
+from conductord.lease import default_margin_s
 
 HEARTBEAT_MS = 1000
 START_TIMEOUT_S = 20.0
@@ -118,13 +133,50 @@ class Trial:
     read_seconds: float | None = None  # signal -> that line read by the benchmark
     new_leader: str | None = None
     exit_code: int | None = None
+    api: str | None = None  # api_kill: the Control API process killed (A, B, ...)
+    transitions: int | None = None  # api_kill: lease transitions on any node within a TTL
+    term_kept: bool | None = None  # api_kill: the leader still led, same term, after a TTL
+
+
+@dataclass
+class ApiSlot:
+    """One Control API process of the run, restartable on its port (every node lists its URL)."""
+
+    name: str
+    db: str
+    token: str
+    extra_args: tuple[str, ...]
+    env: dict[str, str]
+    port: int = 0
+    api: ControlApi | None = None
+    all: list[ControlApi] = field(default_factory=list)  # every incarnation, for the cleanup
+
+    def start(self) -> ControlApi:
+        api = ControlApi(
+            self.db, token=self.token, extra_args=self.extra_args, port=self.port, env=self.env
+        )
+        self.port, self.api = api.port, api
+        self.all.append(api)
+        return api
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def alive(self) -> bool:
+        return self.api is not None and self.api.proc.alive
+
+    def kill(self) -> None:
+        if self.api is not None:
+            self.api.close()
 
 
 @dataclass
 class Fleet:
     args: argparse.Namespace
     mode: str
-    api: ControlApi
+    apis: list[ApiSlot]
     token: str
     runs_dir: str  # also puts the run's temporary directory on every node's command line
     live: dict[str, Incarnation] = field(default_factory=dict)
@@ -136,6 +188,9 @@ class Fleet:
         a = self.args
         node_id = f"bench-n{index}"
         status_url = f"http://127.0.0.1:{free_port()}"
+        # Every node lists every Control API, each starting at another (SPEC §17).
+        turn = index % len(self.apis)
+        urls = [slot.url for slot in self.apis[turn:] + self.apis[:turn]]
         argv = [
             *CONDUCTORD,
             "start",
@@ -146,7 +201,7 @@ class Fleet:
             "--role",
             "primary" if index == 0 else "standby",
             "--control-api-base",
-            self.api.url,
+            ",".join(urls),
             "--local-api",
             status_url,
             "--lease-ttl-sec",
@@ -172,15 +227,45 @@ class Fleet:
             raise RuntimeError(f"{inc.node_id} did not start: {inc.proc.tail_stderr()}")
 
     def parked_standbys(self) -> int | None:
-        """How many acquires the server holds parked right now (`GET /v1/leader` `waiters`)."""
+        """How many acquires the live servers hold parked now (`GET /v1/leader` `waiters`)."""
+        parked = None
+        for slot in self.apis:
+            if not slot.alive or slot.api is None:
+                continue
+            try:
+                reply = self.session.get(
+                    slot.url + "/v1/leader", headers=slot.api.headers, timeout=1.0
+                )
+                reply.raise_for_status()
+                parked = (parked or 0) + int(reply.json()["data"]["waiters"])
+            except (requests.RequestException, ValueError, KeyError, TypeError):
+                continue
+        return parked
+
+    def status(self, inc: Incarnation) -> dict[str, Any] | None:
+        """The node's snapshot from its `/v1/status`, or None."""
         try:
-            reply = self.session.get(
-                self.api.url + "/v1/leader", headers=self.api.headers, timeout=1.0
-            )
+            reply = self.session.get(inc.status_url + "/v1/status", timeout=1.0)
             reply.raise_for_status()
-            return int(reply.json()["data"]["waiters"])
-        except (requests.RequestException, ValueError, KeyError, TypeError):
+            return reply.json()
+        except (requests.RequestException, ValueError):
             return None
+
+    def last_renew(self, inc: Incarnation) -> float | None:
+        """`conductord_last_renew_timestamp_seconds` from the node's `/metrics`, or None."""
+        try:
+            reply = self.session.get(inc.status_url + "/metrics", timeout=1.0)
+            reply.raise_for_status()
+        except requests.RequestException:
+            return None
+        for line in reply.text.splitlines():
+            name, _, value = line.partition(" ")
+            if name == "conductord_last_renew_timestamp_seconds":
+                try:
+                    return float(value)
+                except ValueError:
+                    return None
+        return None
 
     def settle(self, restarted: Incarnation) -> bool:
         """Wait until the fleet is in its steady state; False if long-poll standbys never parked.
@@ -244,6 +329,8 @@ def new_leader_after(
 
 
 def run_trial(fleet: Fleet, kind: str, rng: random.Random) -> Trial:
+    if kind == "api_kill":
+        return run_api_kill(fleet, rng)
     a = fleet.args
     old = fleet.leader(timeout=a.ttl_sec + 5.0)
     if old is None:
@@ -276,6 +363,61 @@ def run_trial(fleet: Fleet, kind: str, rng: random.Random) -> Trial:
 
     index = int(old.node_id.rsplit("n", 1)[1])
     fleet.wait_started(fleet.spawn(index))
+    return trial
+
+
+def run_api_kill(fleet: Fleet, rng: random.Random) -> Trial:
+    """`kill -9` of the Control API process the leader uses; then a TTL of watching.
+
+    Measured: from the kill to the end of the leader's first successful lease call after it
+    (`conductord_last_renew_timestamp_seconds` from its `/metrics`, polled every 10 ms; that
+    call went through another process, unless an answer of the killed one was still being
+    read at the kill, which can only make the figure smaller); every node's lease transitions
+    until one TTL after the kill, when a lease the leader failed to keep would have run out;
+    whether the leader then still leads with the same term. The process is restarted on its
+    port afterwards.
+    """
+    a = fleet.args
+    old = fleet.leader(timeout=a.ttl_sec + 5.0)
+    if old is None:
+        raise RuntimeError("no leader before the trial")
+    with fleet.lock:
+        newest = fleet.all[-1]
+        live = list(fleet.live.values())
+    parked = fleet.settle(newest)
+    time.sleep(rng.uniform(0.0, a.renew_ms / 1000.0))  # a random phase of the renew cycle
+    before = fleet.status(old)
+    if before is None:
+        raise RuntimeError(f"{old.node_id} did not answer its status endpoint")
+    used = before["control_api"]["base_url"]
+    slot = next(slot for slot in fleet.apis if slot.url == used)
+    term = before["daemon"]["current_term"]
+    marks = {inc.key: len(inc.proc.snapshot_events()) for inc in live}
+    trial = Trial("api_kill", old.node_id, standbys_parked=parked, api=slot.name)
+    killed_wall = time.time()
+    slot.kill()
+
+    deadline = time.monotonic() + a.ttl_sec
+    while time.monotonic() < deadline:
+        renewed = fleet.last_renew(old)
+        if renewed is not None and renewed > killed_wall:
+            trial.seconds = renewed - killed_wall
+            break
+        time.sleep(0.01)
+    time.sleep(max(killed_wall + a.ttl_sec + a.renew_ms / 1000.0 - time.time(), 0.0))
+    trial.transitions = sum(
+        1
+        for inc in live
+        for event in inc.proc.snapshot_events()[marks[inc.key] :]
+        if event.get("event") == "lease.transition"
+    )
+    after = fleet.status(old)
+    trial.term_kept = bool(
+        after is not None
+        and after["daemon"]["lease_state"] == "leader"
+        and after["daemon"]["current_term"] == term
+    )
+    slot.start()  # on its port again: every node lists it
     return trial
 
 
@@ -467,6 +609,35 @@ def summarize(trials: list[Trial], kind: str, unit_s: float, goal: dict[str, flo
     }
 
 
+def summarize_api_kill(trials: list[Trial], margin_s: float) -> dict[str, Any]:
+    """The api_kill trials: the leader must keep its lease (SPEC §17), renewing through another
+    process before its local deadline, i.e. within the step-down margin of the kill."""
+    mine = [t for t in trials if t.kind == "api_kill"]
+    times = [t.seconds for t in mine if t.seconds is not None]
+    worst = max(times) if times else None
+    transitions = sum(t.transitions or 0 for t in mine)
+    lost = [i for i, t in enumerate(mine) if not t.term_kept]
+    return {
+        "trials": len(mine),
+        "killed": dict(sorted(Counter(t.api for t in mine).items())),
+        "renewed_median_s": rounded(statistics.median(times) if times else None),
+        "renewed_max_s": rounded(worst),
+        "not_renewed_trials": [i for i, t in enumerate(mine) if t.seconds is None],
+        "lease_transitions": transitions,
+        "term_lost_trials": lost,
+        "unparked_trials": sum(not t.standbys_parked for t in mine),
+        "target_renewed_max_s": rounded(margin_s),
+        "pass": bool(
+            mine
+            and len(times) == len(mine)
+            and worst is not None
+            and worst < margin_s
+            and transitions == 0
+            and not lost
+        ),
+    }
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=30, help="trials of each kind per mode (30)")
@@ -486,9 +657,37 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--status-poll-ms", type=int, default=100, help="status polling period, 0 = off (100)"
     )
     parser.add_argument("--seed", type=int, default=None, help="seed of the random phases")
+    parser.add_argument(
+        "--control-apis",
+        type=int,
+        default=1,
+        help="Control API processes over one store; every node lists them all (1)",
+    )
+    parser.add_argument(
+        "--store",
+        choices=("sqlite", "postgres"),
+        default=None,
+        help="sqlite (default with one process) or postgres (default, and needed, with more)",
+    )
+    parser.add_argument(
+        "--postgres-dsn",
+        default=None,
+        help="default: CONDUCTORD_TEST_POSTGRES_DSN, else the test server's (see docs/postgres.md)",
+    )
+    parser.add_argument(
+        "--api-kill",
+        action="store_true",
+        help="a third trial kind: kill -9 of the Control API process the leader uses",
+    )
     args = parser.parse_args(argv)
-    if args.nodes < 2 or args.trials < 1:
-        parser.error("--nodes must be >= 2 and --trials >= 1")
+    if args.nodes < 2 or args.trials < 1 or args.control_apis < 1:
+        parser.error("--nodes must be >= 2, --trials and --control-apis >= 1")
+    if args.store is None:
+        args.store = "sqlite" if args.control_apis == 1 else "postgres"
+    if args.control_apis > 1 and args.store != "postgres":
+        parser.error("several --control-apis need --store postgres (a SQLite file has one owner)")
+    if args.api_kill and args.control_apis < 2:
+        parser.error("--api-kill needs --control-apis >= 2")
     if args.request_timeout_ms >= args.ttl_sec * 1000:
         parser.error("--request-timeout-ms must be below --ttl-sec x 1000 (SPEC §3)")
     return args
@@ -501,25 +700,38 @@ def run_mode(args: argparse.Namespace, mode: str, workdir: str) -> dict[str, Any
     # One seed for both modes: the same sequence of signal phases, a like-for-like comparison.
     rng = random.Random(args.seed)
     token = new_token()
-    api: ControlApi | None = None
+    slots: list[ApiSlot] = []
+    schema: Any = None
     fleet: Fleet | None = None
     poller: StatusPoller | None = None
     trials: list[Trial] = []
     os.mkdir(workdir)
     try:
-        api = ControlApi(
-            os.path.join(workdir, "control.sqlite3"),
-            token=token,
-            extra_args=SERVER_FLAGS[mode],
-        )
-        server_mode = probe_server_mode(api)
+        db, env = os.path.join(workdir, "control.sqlite3"), {}
+        if args.store == "postgres":
+            # A fresh schema per mode, as a fresh SQLite file; the password goes in PGPASSWORD.
+            from chaos import PostgresSchema, SetupError, postgres_dsn
+
+            try:
+                schema = PostgresSchema(postgres_dsn(args.postgres_dsn))
+            except SetupError as err:
+                sys.stderr.write(f"failover: {err}\n")
+                raise SystemExit(2) from None
+            db = schema.url
+            env = {"PGPASSWORD": schema.password} if schema.password else {}
+        for number in range(args.control_apis):
+            slot = ApiSlot(chr(ord("A") + number), db, token, SERVER_FLAGS[mode], env)
+            slots.append(slot)
+            slot.start()
+        server_mode = probe_server_mode(slots[0].api)
         if server_mode != mode:
             progress(f"warning: {mode} run, but the server probes as {server_mode}")
-        progress(f"{mode}: control API on {api.url}, server mode {server_mode}")
+        shown_urls = ", ".join(f"{slot.name} {slot.url}" for slot in slots)
+        progress(f"{mode}: control API {shown_urls} ({args.store}), server mode {server_mode}")
 
         runs_dir = os.path.join(workdir, "runs")
         os.mkdir(runs_dir)
-        fleet = Fleet(args, mode, api, token, runs_dir)
+        fleet = Fleet(args, mode, slots, token, runs_dir)
         for inc in [fleet.spawn(i) for i in range(args.nodes)]:
             fleet.wait_started(inc)
         if fleet.leader(timeout=args.ttl_sec + 5.0) is None:
@@ -528,15 +740,20 @@ def run_mode(args: argparse.Namespace, mode: str, workdir: str) -> dict[str, Any
             poller = StatusPoller(fleet, args.status_poll_ms / 1000.0)
             poller.start()
 
-        kinds = [kind for _ in range(args.trials) for kind in ("crash", "graceful")]
+        kinds = [kind for _ in range(args.trials) for kind in trial_kinds(args)]
         for number, kind in enumerate(kinds, 1):
             trial = run_trial(fleet, kind, rng)
             trials.append(trial)
             shown = "none" if trial.seconds is None else f"{trial.seconds * 1000:.0f} ms"
-            progress(
-                f"{mode} trial {number}/{len(kinds)} {kind}: {trial.old_leader} -> "
-                f"{trial.new_leader} in {shown}"
-            )
+            if kind == "api_kill":
+                outcome = (
+                    f"{trial.old_leader} renewed in {shown}, {trial.transitions} transitions,"
+                    f" term kept {trial.term_kept}"
+                )
+            else:
+                outcome = f"{trial.old_leader} -> {trial.new_leader} in {shown}"
+            killed = f" of {trial.api}" if trial.api else ""
+            progress(f"{mode} trial {number}/{len(kinds)} {kind}{killed}: {outcome}")
         end_of_run = time.time()
     finally:
         if poller is not None:
@@ -546,15 +763,28 @@ def run_mode(args: argparse.Namespace, mode: str, workdir: str) -> dict[str, Any
             for inc in fleet.all:
                 if inc.proc.alive:
                     inc.ended_at = stopped_at
-        kill_all([*(inc.proc for inc in (fleet.all if fleet else [])), api])
+        kill_all(
+            [
+                *(inc.proc for inc in (fleet.all if fleet else [])),
+                *(api for slot in slots for api in slot.all),
+            ]
+        )
         if fleet is not None:
             fleet.session.close()
+        if schema is not None:
+            schema.drop()
 
     intervals = {inc.key: scheduler_intervals(inc, end_of_run) for inc in fleet.all}
     overlap_s, overlap_episodes = overlap(intervals)
     goal = targets(mode, float(args.ttl_sec), args.renew_ms / 1000.0)
     crash = summarize(trials, "crash", float(args.ttl_sec), goal["crash"])
     graceful = summarize(trials, "graceful", args.renew_ms / 1000.0, goal["graceful"])
+    api_kill = None
+    if args.api_kill:
+        # SPEC §17: the leader renews through another process before its local deadline.
+        margin = default_margin_s(args.renew_ms, args.ttl_sec)
+        goal["api_kill"] = {"renewed_max_s": margin}
+        api_kill = summarize_api_kill(trials, margin)
 
     status: dict[str, Any] = {"status_endpoint": "off"}
     if poller is not None:
@@ -571,6 +801,7 @@ def run_mode(args: argparse.Namespace, mode: str, workdir: str) -> dict[str, Any
         "server_mode": server_mode,
         "crash": crash,
         "graceful": graceful,
+        **({"api_kill": api_kill} if api_kill is not None else {}),
         "no_takeover_trials": no_takeover,
         "overlap_ms": round(overlap_s * 1000.0, 3),
         "overlap_episodes": overlap_episodes,
@@ -583,6 +814,7 @@ def run_mode(args: argparse.Namespace, mode: str, workdir: str) -> dict[str, Any
             server_mode == mode
             and crash["pass"]
             and graceful["pass"]
+            and (api_kill is None or api_kill["pass"])
             and overlap_s == 0
             and status.get("status_overlap_samples", 0) == 0
         ),
@@ -591,12 +823,23 @@ def run_mode(args: argparse.Namespace, mode: str, workdir: str) -> dict[str, Any
     }
 
 
+def trial_kinds(args: argparse.Namespace) -> tuple[str, ...]:
+    return ("crash", "graceful", "api_kill") if args.api_kill else ("crash", "graceful")
+
+
 def side_by_side(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The headline figures, one row per figure and one column per mode."""
     rows: dict[str, dict[str, Any]] = {}
     for kind in ("crash", "graceful"):
         for figure in ("median_s", "max_s"):
             rows[f"{kind}_{figure}"] = {m: r[kind][figure] for m, r in results.items()}
+    if any("api_kill" in r for r in results.values()):
+        rows["api_kill_renewed_max_s"] = {
+            m: r["api_kill"]["renewed_max_s"] for m, r in results.items()
+        }
+        rows["api_kill_lease_transitions"] = {
+            m: r["api_kill"]["lease_transitions"] for m, r in results.items()
+        }
     rows["overlap_ms"] = {m: r["overlap_ms"] for m, r in results.items()}
     rows["pass"] = {m: r["pass"] for m, r in results.items()}
     return rows
@@ -620,6 +863,9 @@ def main(argv: list[str]) -> int:
             "ttl_sec": args.ttl_sec,
             "renew_ms": args.renew_ms,
             "request_timeout_ms": args.request_timeout_ms,
+            "control_apis": args.control_apis,
+            "store": args.store,
+            "api_kill": args.api_kill,
             "modes": results,
             "side_by_side": side_by_side(results),
             "pass": all(r["pass"] for r in results.values()),

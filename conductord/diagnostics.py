@@ -5,6 +5,11 @@ each checklist step with its outcome and time, the snapshot, the warnings and a 
 human report or one JSON document. The exit code is the lease state's (SPEC §7): 0 leader or
 standby, 3 degraded. Log lines go to stderr, and only errors unless `--log-level debug`, so the
 report stays readable.
+
+Every Control API URL (SPEC §17) is then checked on its own (`conductord.endpoints`): reachable
+(the §4 error if not), which store answers, which lease it sees, and whether the URLs share one
+store; a URL on SQLite among several, or URLs that see different leases, add a warning. These
+checks inform; they never change the verdict or the exit code.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import json
 import sys
 from typing import Any
 
-from conductord import logs
+from conductord import endpoints, logs
 from conductord.config import Config
 from conductord.lease import LeaseState
 from conductord.redact import clean
@@ -38,11 +43,10 @@ def run_diagnostics(config: Config, *, as_json: bool) -> int:
     finally:
         runtime.stop()  # release whatever the start sequence took, even if a step raised
 
+    report = build_report(runtime.steps, snapshot)
+    add_endpoint_checks(report, config)
     # Redacted like a log line: a server could name the token as the lease holder.
-    report = clean(
-        build_report(runtime.steps, snapshot),
-        [config.shared_token] if config.shared_token else [],
-    )
+    report = clean(report, [config.shared_token] if config.shared_token else [])
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
@@ -99,9 +103,50 @@ def format_report(report: dict[str, Any]) -> str:
         f"renew failures:     {daemon['consecutive_renew_failures']}",
         f"last error:         {daemon['last_error'] or '-'}",
     ]
+    if "control_api" in report:
+        lines += format_endpoint_checks(report["control_api"])
     if report["warnings"]:
         lines += ["", "warnings:"] + [f"  - {w}" for w in report["warnings"]]
     if report["notes"]:
         lines += ["", "notes:"] + [f"  - {n}" for n in report["notes"]]
     lines += ["", f"verdict: {report['verdict']} (exit {report['exit_code']})"]
     return "\n".join(lines)
+
+
+# -- every Control API URL (SPEC §17) ------------------------------------------------------------
+
+
+def add_endpoint_checks(report: dict[str, Any], config: Config) -> None:
+    """Check each URL after the start sequence (its acquire, if any, has set the term the URLs
+    are compared on) and put the section under `control_api`; its warnings join the report's."""
+    section = endpoints.check_endpoints(
+        config.control_api_bases,
+        token=config.shared_token,
+        timeout_ms=config.request_timeout_ms,
+        in_use=report["snapshot"]["control_api"]["base_url"],
+    )
+    report["control_api"] = section
+    report["warnings"] = [*report["warnings"], *section["warnings"]]
+    down = [check for check in section["endpoints"] if check["error"]]
+    if down and len(section["endpoints"]) > 1:
+        report["notes"].append(
+            f"{len(down)} of {len(section['endpoints'])} Control API URLs failed their check:"
+            " the fleet has less of a spare than configured"
+        )
+
+
+def format_endpoint_checks(section: dict[str, Any]) -> list[str]:
+    lines = ["", "control API URLs:"]
+    for number, check in enumerate(section["endpoints"], start=1):
+        marker = " (in use)" if check["in_use"] else ""
+        lines.append(f"  {number}. {check['base_url']}{marker}")
+        if check["reachable"]:
+            store = check["store"] or "not said"
+            seen = endpoints.lease_text(check) if check["lease_read"] else "lease not read"
+            lines.append(f"     reachable, store {store}, {seen} ({check['duration_ms']:.1f} ms)")
+        if check["error"]:
+            lines.append(f"     error: {check['error']}")
+    shared = {True: "yes", False: "NO", None: "cannot tell"}[section["shared_store"]]
+    if len(section["endpoints"]) > 1:
+        lines.append(f"  one shared store: {shared} ({section['shared_store_detail']})")
+    return lines

@@ -46,7 +46,7 @@ import gevent
 from gevent.event import Event
 from gevent.pool import Group
 
-from conductord import identity, logs
+from conductord import endpoints, identity, logs
 from conductord.client import ControlApiClient, ControlApiError
 from conductord.clock import lease_clock
 from conductord.config import Config, config_warnings
@@ -638,6 +638,10 @@ def _run(runtime: Runtime, *, run_once: bool) -> int:
     log = runtime.log
     for warning in runtime.warnings:
         log.warning("config.warning", message=warning)
+    if not run_once:
+        # Several URLs (SPEC §17): one bounded look, beside the start sequence, at whether any
+        # answers from SQLite, which no second process can share (config.warning if so).
+        endpoints.warn_about_stores(runtime)
     # Bound before the start sequence so a taken port fails fast; not for --run-once, whose
     # short life would only collide with a daemon already serving the same port.
     status_server = None

@@ -125,6 +125,47 @@ def test_failover_reports_polling_and_long_poll_side_by_side(tmp_path: Path) -> 
     assert side["overlap_ms"] == {"polling": 0, "longpoll": 0}
 
 
+def test_failover_against_two_control_apis_over_postgres(tmp_path: Path) -> None:
+    """SPEC §17: nodes list both URLs; killing the leader's process is a trial of its own."""
+    from tests.support.postgres import require_dsn
+
+    require_dsn()  # fails in CI without a server, skips elsewhere
+    args = ["--trials", "1", "--nodes", "2", "--mode", "longpoll", "--seed", "1"]
+    args += ["--control-apis", "2", "--api-kill"]
+    result = run_bench("failover.py", args, tmp_path, timeout=150)
+    assert (result["control_apis"], result["store"], result["api_kill"]) == (2, "postgres", True)
+    run = result["modes"]["longpoll"]
+    assert run["server_mode"] == "longpoll"
+    for kind in ("crash", "graceful"):
+        assert run[kind]["takeovers"] == 1, run[kind]
+        assert run[kind]["unparked_trials"] == 0, run[kind]
+    api_kill = run["api_kill"]
+    assert api_kill["trials"] == 1 and sum(api_kill["killed"].values()) == 1
+    assert api_kill["not_renewed_trials"] == [], api_kill
+    # The leader kept its lease through the other process: no transition anywhere, same term.
+    assert api_kill["lease_transitions"] == 0, api_kill
+    assert api_kill["term_lost_trials"] == [], api_kill
+    assert 0 < api_kill["renewed_max_s"] < api_kill["target_renewed_max_s"] == 1.0
+    assert run["targets"]["api_kill"] == {"renewed_max_s": 1.0}
+    assert run["overlap_ms"] == 0 and run["non_json_stdout_lines"] == 0
+    if run["status_endpoint"] == "ok":
+        assert run["status_overlap_samples"] == 0
+    assert set(result["side_by_side"]) >= {"api_kill_renewed_max_s", "api_kill_lease_transitions"}
+
+
+def test_failover_refuses_several_control_apis_over_sqlite(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "failover.py"), "--control-apis", "2", "--store", "sqlite"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert "several --control-apis need --store postgres" in done.stderr
+
+
 def test_footprint_measures_an_idle_leader(tmp_path: Path) -> None:
     result = run_bench("footprint.py", ["--seconds", "3"], tmp_path, timeout=60)
     assert result["bench"] == "footprint"

@@ -97,7 +97,8 @@ def test_healthz_needs_no_token_and_carries_a_request_id(shared_api):
     assert response.status_code == 200
     body = response.json()
     assert body["ok"] is True
-    assert body["data"] == {"status": "ok"}
+    # The store kind (SPEC §17): a node given several URLs warns about a SQLite one.
+    assert body["data"] == {"status": "ok", "store": "sqlite"}
     assert body["request_id"] == response.headers["x-request-id"]
     assert len(body["request_id"]) >= 16
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import time
 
 import pytest
 
+from tests.support.control_api import ControlApiProcess
 from tests.support.daemon import DaemonProcess, FakeControlApi, clean_env
 from tests.support.scripted_server import Reply, ScriptedServer
 
@@ -409,3 +411,87 @@ def test_a_failed_first_acquire_waits_an_interval_before_retrying(fake):
         daemon.transition_to("leader")
         assert not [e for e in daemon.named("lease.transition") if e["to_state"] == "degraded"]
         assert stop_and_check(daemon) == 0
+
+
+# -- several Control API URLs (SPEC §17) ---------------------------------------------------------
+
+
+def test_diagnose_checks_every_url_and_keeps_the_lease_verdict(control_api, tmp_path):
+    # Two real Control API processes, each over its own SQLite file, plus a URL nobody serves.
+    other = ControlApiProcess(str(tmp_path / "other.sqlite3"), token=control_api.token)
+    with other.start(), socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        nobody = f"http://127.0.0.1:{unused.getsockname()[1]}"
+        urls = ",".join([control_api.url, other.url, nobody])
+        args = [
+            *node_args(control_api.url, **{"--shared-token": control_api.token}),
+            *("--control-api-base", urls),
+        ]
+        command = [sys.executable, "-m", "conductord", "diagnose"]
+        done = subprocess.run(
+            [*command, "--json", *args], capture_output=True, text=True, env=clean_env(), timeout=30
+        )
+        human = subprocess.run(
+            [*command, *args], capture_output=True, text=True, env=clean_env(), timeout=30
+        )
+    assert done.returncode == 0, done.stderr  # the lease state's verdict: the checks inform
+    report = json.loads(done.stdout)
+    assert report["verdict"].startswith("healthy: leader of term")
+    section = report["control_api"]
+    assert section["base_urls"] == [control_api.url, other.url, nobody]
+    by_url = {check["base_url"]: check for check in section["endpoints"]}
+    assert by_url[control_api.url]["in_use"] and by_url[control_api.url]["store"] == "sqlite"
+    # The start sequence's acquire went to the first URL only; the second store never saw it.
+    assert by_url[control_api.url]["term"] >= 1 and by_url[other.url]["term"] is None
+    assert by_url[nobody]["error"] == "Control API /healthz: connection failed: Connection refused"
+    assert section["shared_store"] is False
+    sqlite_warnings = [w for w in report["warnings"] if "answers from a SQLite store" in w]
+    assert len(sqlite_warnings) == 2, report["warnings"]
+    assert any("1 of 3 Control API URLs failed" in note for note in report["notes"])
+    assert human.returncode == 0, human.stderr
+    assert "control API URLs:" in human.stdout
+    assert f"  1. {control_api.url} (in use)" in human.stdout
+    assert "     error: Control API /healthz: connection failed: Connection refused" in human.stdout
+    assert "  one shared store: NO (SQLite behind" in human.stdout
+    for output in (done.stdout, done.stderr, human.stdout, human.stderr):
+        assert control_api.token not in output
+
+
+def healthz_of(store: str) -> Reply:
+    return Reply(body={"ok": True, "request_id": "r", "data": {"status": "ok", "store": store}})
+
+
+@pytest.mark.parametrize("store,warned", [("sqlite", True), ("postgresql", False)])
+def test_a_daemon_given_several_urls_looks_once_for_a_sqlite_store(fake, store, warned):
+    second = ScriptedServer().start()
+    second.default("/healthz", healthz_of(store))
+    fake.server.default("/healthz", healthz_of(store))
+    try:
+        urls = f"{fake.server.url},{second.url}"
+        with DaemonProcess(node_args(fake.server, **{"--control-api-base": urls})) as daemon:
+            daemon.wait_event("conductor.started")
+            daemon.transition_to("leader")
+            assert fake.server.wait_for(lambda: second.count("/healthz") == 1, 5)
+            if warned:
+                found = daemon.wait_event(
+                    "config.warning", lambda e: "SQLite" in e["message"], timeout=5
+                )
+                assert found["message"].startswith(f"Control API {fake.server.url} answers from")
+            else:
+                fake.server.wait_for(lambda: False, 0.5)
+            assert stop_and_check(daemon) == 0
+            stopping = daemon.named("conductor.stopping")[0]["snapshot"]["warnings"]
+            sqlite = [e for e in daemon.named("config.warning") if "SQLite" in e["message"]]
+            assert len(sqlite) == (2 if warned else 0)  # one per URL, once
+            assert len([w for w in stopping if "SQLite" in w]) == len(sqlite)  # and in /v1/status
+        assert fake.server.count("/healthz") == second.count("/healthz") == 1
+    finally:
+        second.stop()
+
+
+def test_a_daemon_with_one_url_asks_nothing_more(fake):
+    with DaemonProcess(node_args(fake.server)) as daemon:
+        daemon.transition_to("leader")
+        fake.server.wait_for(lambda: False, 0.5)
+        assert stop_and_check(daemon) == 0
+    assert fake.server.count("/healthz") == 0

@@ -449,7 +449,14 @@ class ControlApiApp:
 
     def _healthz(self, request: Request) -> dict[str, Any]:
         self._store.leader()  # a cheap read: healthy means the store answers too
-        return {"status": "ok"}
+        # Which store answers (SPEC §17): a node given several URLs warns when one is SQLite,
+        # which no second process can share. Told by the store's module, so psycopg is never
+        # imported for it; any other store (a test double) is null, "unknown".
+        kinds = {
+            "conductord.control_api.store": "sqlite",
+            "conductord.control_api.store_postgres": "postgresql",
+        }
+        return {"status": "ok", "store": kinds.get(type(self._store).__module__)}
 
     def _heartbeat(self, request: Request) -> dict[str, Any]:
         heartbeat: wire.Heartbeat = self._load(request, self._heartbeat_schema)
