@@ -7,6 +7,7 @@ seconds; the full 10,000-seed run is `python -m conductord.sim` (see docs/simula
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import subprocess
 import sys
@@ -74,6 +75,47 @@ def test_long_polling_fleet_keeps_every_invariant() -> None:
     summary, failing = run_many(range(60), dataclasses.replace(FAST, long_poll=True))
     assert failing == [] and summary.violations == 0
     assert summary.liveness_windows_checked >= 3
+
+
+def sends(result, node_id: str) -> list[tuple[float, bool]]:
+    """(time, long-poll) of every acquire `node_id` sent, from a run's trace."""
+    out = []
+    for line in result.trace or []:
+        at, who, text = float(line[:12]), line[13:20].strip(), line[21:]
+        if who == node_id and text.startswith("acquire sent"):
+            out.append((at, "(long-poll)" in text))
+    return out
+
+
+QUIET = SimConfig(nodes=2, duration_s=60.0, loss_prob=0.0, slow_prob=0.0)
+
+
+def test_a_simulated_standby_paces_like_the_runtime() -> None:
+    """The simulator paces with `conductord.pacing`, as the runtime does: a standby parks
+    right after its start sequence and re-parks at once when the server held it for the wait
+    (test_daemon.py shows the same of the real process)."""
+    result = run_seed(1, dataclasses.replace(QUIET, long_poll=True), faults=[], trace=True)
+    # the node that started first leads throughout, the other is the standby
+    leader, other = sorted(("node-0", "node-1"), key=lambda n: sends(result, n)[0][0])
+    standby = sends(result, other)
+    (start, polled), (park, parked) = standby[:2]
+    assert not polled and parked  # the start sequence's acquire never waits; the next one does
+    assert park - start < 0.05  # not one renew interval later
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(standby[1:])]
+    assert len(gaps) >= 8 and all(5.0 <= g <= 5.05 for g in gaps), gaps  # held 5 s, re-parked
+    # a leader renews start to start every interval ±10 % and never long-polls
+    renewals = sends(result, leader)[1:]
+    assert not any(polled for _, polled in renewals)
+    assert all(4.49 <= b - a <= 5.51 for (a, _), (b, _) in itertools.pairwise(renewals))
+
+
+def test_against_a_server_that_ignores_wait_ms_the_standby_keeps_its_interval() -> None:
+    result = run_seed(1, QUIET, faults=[], trace=True)
+    # the node that started second is the standby
+    standby = max((sends(result, n) for n in ("node-0", "node-1")), key=lambda s: s[0][0])
+    assert standby[1][0] - standby[0][0] < 0.05  # parked after start: answered at once
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(standby[1:])]
+    assert gaps and all(4.49 <= g <= 5.51 for g in gaps), gaps  # never a spin
 
 
 def test_zero_margin_is_caught_and_shrinks_to_a_short_trace() -> None:

@@ -17,12 +17,15 @@ Model (real time = the Control API server's clock, in seconds):
   early. A pause (stop-the-world) defers every event of that node to its end while its clock
   keeps running, so the node resumes with a stale view; a crash drops its pending events and
   restarts it later with the same node id and a fresh machine.
-- Lease loop as in `runtime.py`: the start sequence runs one cycle, the loop then paces cycles
-  start to start every renew interval ±10 %, or at once when `needs_prompt_renew()`; a request
-  without an answer fails with `lease_failed` after the request timeout; a deadline timer
-  calls `tick()` at `valid_until`. Standbys may long-poll (§12): the server parks the request
-  and grants at release or at the expiry instant. Graceful stop: `begin_stop`, wait up to
-  0.5 s for the in-flight cycle, release the held term, `stopped()`.
+- Lease loop as in `runtime.py`: the start sequence runs one cycle, then every wait comes
+  from `conductord.pacing`, the functions the runtime itself calls (start to start ±10 %,
+  the park right after the start sequence, re-park after a full long-poll, the prompt renew
+  after a late grant). A standby asks to long-poll as the runtime does (§12); with
+  `long_poll` the server parks it and grants at release or at the expiry instant, without it
+  the server ignores `wait_ms` and answers at once. A request without an answer fails with
+  `lease_failed` after the request timeout (plus the wait); a deadline timer calls `tick()`
+  at `valid_until`. Graceful stop: `begin_stop`, wait up to 0.5 s for the in-flight cycle,
+  release the held term, `stopped()`.
 - Network: one-way latency (fast: up to `latency_max_ms`; with `slow_prob` a slow message of
   up to twice the request timeout); a request or a reply is lost with `loss_prob` (a lost
   reply after the server applied the request is the interesting case); a "lossy" fault makes

@@ -35,7 +35,7 @@ class SimConfig:
     renew_failure_threshold: int = 1000
     margin_s: float | None = None  # None: lease.default_margin_s, as the runtime uses
     machine: str = "real"  # "real", or a broken one: "margin0", "ignore-foreign"
-    long_poll: bool = False
+    long_poll: bool = False  # the server honours wait_ms (nodes always ask, as the runtime)
     fencing: bool = True
     pass_interval_ms: float = 50.0
     act_delay_max_ms: float = 2.0

@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from conductord import pacing
 from conductord.control_api.rules import LeaseRow, decide_acquire, decide_release
-from conductord.lease import INFLIGHT_GRACE_S, JITTER, LeaseMachine, LeaseState
+from conductord.lease import INFLIGHT_GRACE_S, LeaseMachine, LeaseState
 from conductord.sim.model import (
     Fault,
     RunResult,
@@ -58,6 +59,7 @@ class _Node:
         "idx",
         "inc",
         "inflight",
+        "long_polled",
         "lossy",
         "machine",
         "node_id",
@@ -96,6 +98,7 @@ class _Node:
         self.inflight: int | None = None
         self.sent_at = 0.0
         self.began: float | None = None
+        self.long_polled = False  # the last lease cycle asked the server to wait
         self.deadline_gen = 0
         self.passes_running = False
         self.stopping = False
@@ -410,13 +413,9 @@ class Simulation:
     def _start_cycle(self, node: _Node, *, wait: bool) -> None:
         m = node.machine
         assert m is not None
-        cfg = self.config
-        long_poll = (
-            wait
-            and cfg.long_poll
-            and m.state is not LeaseState.LEADER
-            and not m.needs_prompt_renew()
-        )
+        # Asked as the runtime asks; whether the server parks it is `config.long_poll`.
+        long_poll = wait and pacing.long_polls(m)
+        node.long_polled = long_poll
         local_now = node.local(self.now)
         starts = node.cycle_starts
         starts.append(local_now)
@@ -472,12 +471,20 @@ class Simulation:
         m = node.machine
         assert m is not None
         local_now = node.local(self.now)
-        if node.began is None:  # the start sequence's cycle: the loop starts now
+        after_start = node.began is None  # the start sequence's cycle: the loop starts now
+        if after_start:
             node.began = local_now
-        delay = self.renew_s * node.rng.uniform(1 - JITTER, 1 + JITTER)
-        remaining = delay - (local_now - node.began)
-        if remaining > 0 and not m.needs_prompt_renew():
-            self._timer(node, local_now + remaining, self._loop_cycle, node)
+        assert node.began is not None
+        wait = pacing.lease_wait_s(
+            m,
+            interval_s=self.renew_s,
+            elapsed_s=local_now - node.began,
+            long_polled=node.long_polled,
+            rng=node.rng,
+            after_start=after_start,
+        )
+        if wait > 0:
+            self._timer(node, local_now + wait, self._loop_cycle, node)
         else:
             self._push_node(self.now, node, self._loop_cycle, node)
 
@@ -591,6 +598,7 @@ class Simulation:
         row = self.row
         if (
             wait_s > 0
+            and self.config.long_poll
             and row is not None
             and row.is_live(self.now)
             and row.holder_id != node.node_id
