@@ -5,11 +5,12 @@ the way `runtime.Runtime` paces it, against a Control API that decides with the 
 `control_api.rules` (`decide_acquire`, `decide_release`). Nothing sleeps and nothing opens a
 socket; one `random.Random(seed)` drives everything, so a seed replays exactly.
 
-Layout: `model.py` (config, faults, machines, results), `world.py` (the event heap, nodes,
-network and Control API of one run), `runner.py` (seeds, worker processes, shrinking, the
-summary and the command line), `__main__.py` (`python -m conductord.sim`).
+Layout: `model.py` (config, faults, machines, results), `world.py` (the event heap, nodes
+and network of one run), `server.py` (the Control API's lease row and its two clocks),
+`runner.py` (seeds, worker processes, shrinking, the summary and the command line),
+`__main__.py` (`python -m conductord.sim`).
 
-Model (real time = the Control API server's clock, in seconds):
+Model (real time = the Control API server's monotonic decision clock, in seconds):
 - Events sit in a heap keyed by (time, original time, sequence number): the tie-break is
   deterministic and an event deferred by a pause keeps its place among the others.
 - Node clocks: local monotonic time = rate × real time + offset, rate within ±`drift`.
@@ -32,6 +33,11 @@ Model (real time = the Control API server's clock, in seconds):
   one node's link bad for a while. A partition cuts one node off the Control API; an outage
   cuts everybody (the server's lease row survives it). Each cut either refuses connections
   (fail fast, chosen with `fast_fail_prob`) or is a black hole (hang to the timeout).
+- Server clocks (SPEC §15, `server.py`): a `clock_step` fault steps the server's wall clock
+  either way; a `server_restart` is a reboot of its host (down for a while, then the restart
+  rule: every unreleased lease is live one full TTL from the restart), its wall clock stepping
+  with it half the time. Neither is a disturbance for `no_failover`'s precondition except the
+  reboot's downtime, which counts as an outage.
 - Scheduler: while a node is leader it runs a pass every `pass_interval_ms` of local time.
   A pass that finds `scheduler_enabled(local_now)` true is checked, then acts a little later
   (`act_delay_max_ms`); any pause may fall between the check and the act, and a "gap pause"
@@ -52,8 +58,9 @@ Invariants, checked at every check and act (SPEC §13):
 With `fencing` the act invariants apply to the acts the resource accepted; without it, to every
 act performed. Both views are counted on every run.
 
-Limits: heartbeats are not modelled (they never change the lease state); the server's clock
-is the reference, so its own drift shows up as every node drifting the other way; a request's
+Limits: heartbeats are not modelled (they never change the lease state); the server's
+monotonic clock is the reference, so its own drift shows up as every node drifting the other
+way; node wall clocks are not modelled (a node decides on its lease clock only); a request's
 timeout is one total deadline (requests' per-read timeout can let an answer come later, which
 is safe because validity counts from the send time); a scheduler pass is modelled only while
 the node is leader, which is equivalent because `scheduler_enabled` is false otherwise.

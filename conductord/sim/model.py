@@ -14,9 +14,19 @@ from typing import Any
 
 from conductord.lease import JITTER, LeaseMachine, LeaseResponse, default_margin_s
 
-FAULT_KINDS = ("crash", "stop", "partition", "outage", "pause", "gap_pause", "lossy")
-CUTS = ("partition", "outage")
-_FAULT_WEIGHTS = (2, 1, 3, 1, 3, 2, 2)
+FAULT_KINDS = (
+    "crash",
+    "stop",
+    "partition",
+    "outage",
+    "pause",
+    "gap_pause",
+    "lossy",
+    "clock_step",
+    "server_restart",
+)
+_FAULT_WEIGHTS = (2, 1, 3, 1, 3, 2, 2, 2, 1)
+CUTS = ("partition", "outage", "server_restart")  # refused or a black hole
 # The real lease machine, and broken ones the invariants must catch.
 MACHINES = ("real", "margin0", "ignore-foreign")
 
@@ -35,6 +45,7 @@ class SimConfig:
     renew_failure_threshold: int = 1000
     margin_s: float | None = None  # None: lease.default_margin_s, as the runtime uses
     machine: str = "real"  # "real", or a broken one: "margin0", "ignore-foreign"
+    server: str = "real"  # "real", or a broken one: "wall-clock" (sim/server.py)
     long_poll: bool = False  # the server honours wait_ms (nodes always ask, as the runtime)
     fencing: bool = True
     pass_interval_ms: float = 50.0
@@ -57,6 +68,10 @@ class SimConfig:
     down_max_s: float = 60.0
     partition_max_s: float = 60.0
     outage_max_s: float = 40.0
+    # Server wall-clock steps: either way, log-uniform from 0.1 s up to this.
+    clock_step_max_s: float = 600.0
+    restart_down_max_s: float = 20.0  # a server host reboot: down this long at most
+    restart_step_prob: float = 0.5  # ... and its wall clock steps with the reboot
 
     @property
     def effective_margin_s(self) -> float:
@@ -84,18 +99,28 @@ class SimConfig:
 
 @dataclass(frozen=True)
 class Fault:
-    """One scheduled fault. `node` is None for an outage and a gap pause (any node)."""
+    """One scheduled fault. `node` is None for a server fault and a gap pause (any node)."""
 
     at: float
     kind: str
     node: int | None
     duration: float
-    refused: bool = False  # partition/outage: connections refused at once, else black hole
+    refused: bool = False  # a cut (CUTS): connections refused at once, else a black hole
+    step_s: float = 0.0  # clock_step, server_restart: the server's wall clock moves this much
 
     def __str__(self) -> str:
-        who = "fleet" if self.node is None else f"node-{self.node}"
-        how = (" (refused)" if self.refused else " (black hole)") if self.kind in CUTS else ""
-        return f"{self.kind} {who} at {self.at:.6f} for {self.duration:.6f}s{how}"
+        if self.kind in ("clock_step", "server_restart"):
+            who = "server"
+        else:
+            who = "fleet" if self.node is None else f"node-{self.node}"
+        text = f"{self.kind} {who} at {self.at:.6f}"
+        if self.kind != "clock_step":
+            text += f" for {self.duration:.6f}s"
+        if self.kind in CUTS:
+            text += " (refused)" if self.refused else " (black hole)"
+        if self.step_s:
+            text += f", wall clock {self.step_s:+.6f}s"
+        return text
 
 
 @dataclass(frozen=True)
@@ -121,8 +146,10 @@ class RunResult:
     liveness_windows_skipped: int = 0
     max_cycles_per_interval: int = 0  # lease cycles started within one renew interval
     faults: tuple[Fault, ...] = ()
+    faults_injected: dict[str, int] = field(default_factory=dict)  # by kind, as they fired
     clock_rates: dict[str, float] = field(default_factory=dict)
     trace: list[str] | None = None
+
 
 class _IgnoresForeignHolder(LeaseMachine):
     """Broken on purpose: a node that held a term takes any answer as its own renewal."""
@@ -167,8 +194,23 @@ def generate_faults(config: SimConfig, rng: random.Random) -> list[Fault]:
             duration = math.exp(rng.uniform(math.log(0.001), math.log(config.pause_max_s)))
         elif kind == "lossy":
             duration = rng.uniform(0.1, config.lossy_max_s)
+        elif kind == "clock_step":
+            node, duration = None, 0.0
+        elif kind == "server_restart":
+            node, duration = None, rng.uniform(0.1, config.restart_down_max_s)
         else:  # gap_pause: the next check that passes just before its deadline pauses
             node, duration = None, rng.uniform(0.0, config.gap_pause_max_s)
         refused = kind in CUTS and rng.random() < config.fast_fail_prob
-        faults.append(Fault(round(t, 6), kind, node, round(duration, 6), refused))
+        step = 0.0
+        if kind == "clock_step" or (
+            kind == "server_restart" and rng.random() < config.restart_step_prob
+        ):
+            step = _clock_step(config, rng)
+        faults.append(Fault(round(t, 6), kind, node, round(duration, 6), refused, round(step, 6)))
     return faults
+
+
+def _clock_step(config: SimConfig, rng: random.Random) -> float:
+    """A wall-clock step either way: log-uniform, mostly small, sometimes many TTLs."""
+    size = math.exp(rng.uniform(math.log(0.1), math.log(config.clock_step_max_s)))
+    return size if rng.random() < 0.5 else -size

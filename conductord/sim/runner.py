@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from conductord.sim.model import MACHINES, Fault, RunResult, SimConfig
+from conductord.sim.server import SERVERS
 from conductord.sim.world import Simulation
 
 
@@ -84,6 +85,7 @@ class Summary:
     worst_failover_s: float | None = None
     median_failover_s: float | None = None
     max_cycles_per_interval: int = 0
+    faults_injected: dict[str, int] = field(default_factory=dict)
     _failovers: list[float] = field(default_factory=list, repr=False)
 
     def add(self, result: RunResult) -> None:
@@ -94,6 +96,8 @@ class Summary:
         self.acts_performed += result.acts_performed
         self.acts_accepted += result.acts_accepted
         self.acts_rejected_by_fence += result.acts_rejected
+        for kind, count in result.faults_injected.items():
+            self.faults_injected[kind] = self.faults_injected.get(kind, 0) + count
         self.unfenced_violations += result.unfenced_violations
         self.violations += len(result.violations)
         if result.violations:
@@ -113,6 +117,7 @@ class Summary:
         failovers = sorted(self._failovers)
         doc = {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("_")}
         doc["sim_hours"] = round(self.sim_hours, 3)
+        doc["faults_injected"] = dict(sorted(self.faults_injected.items()))
         doc["violating_seeds"] = self.violating_seeds[:20]
         doc["unfenced_violating_seeds"] = self.unfenced_violating_seeds[:20]
         if failovers:
@@ -179,6 +184,8 @@ def _parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, type=float, default=None)
         elif f.name == "machine":
             parser.add_argument(flag, choices=MACHINES, default=default)
+        elif f.name == "server":
+            parser.add_argument(flag, choices=SERVERS, default=default)
         else:
             parser.add_argument(flag, type=type(default), default=default)
     return parser

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from conductord import pacing
-from conductord.control_api.rules import LeaseRow, decide_acquire, decide_release
 from conductord.lease import INFLIGHT_GRACE_S, LeaseMachine, LeaseState
 from conductord.sim.model import (
     Fault,
@@ -24,6 +23,7 @@ from conductord.sim.model import (
     generate_faults,
     make_machine,
 )
+from conductord.sim.server import ControlApi
 from conductord.wire import wire_operation
 
 INF = math.inf
@@ -37,6 +37,7 @@ class _Answer:
     is_leader: bool
     operation: str
     instance_conflict: bool = False  # one process per node id in the model
+
 
 class _Interval:
     __slots__ = ("end", "kind", "start")
@@ -167,7 +168,7 @@ class Simulation:
         self._heap: list[tuple[Any, ...]] = []
         self._seq = 0
 
-        self.row: LeaseRow | None = None
+        self.server = ControlApi(config.server, float(config.lease_ttl_sec))
         self.outage_depth = 0
         self.outage_refused = False
         self.outages: list[_Interval] = []
@@ -257,13 +258,19 @@ class Simulation:
 
     def _fault(self, fault: Fault) -> None:
         self._log(None, f"FAULT {fault}")
-        if fault.kind == "outage":
+        injected = self.result.faults_injected
+        injected[fault.kind] = injected.get(fault.kind, 0) + 1
+        if fault.kind in ("outage", "server_restart"):
             self.outage_depth += 1
             self.outage_refused = fault.refused
             iv = _Interval("outage", self.now, self.now + fault.duration)
             self.outages.append(iv)
             self.waiters.clear()  # parked connections die with the server process
-            self._push(self.now + fault.duration, self._outage_end)
+            self._push(self.now + fault.duration, self._outage_end, fault)
+            return
+        if fault.kind == "clock_step":
+            # Not a disturbance for the liveness check: the real server does not notice it.
+            self.server.step_wall(fault.step_s)
             return
         if fault.kind == "gap_pause":
             self.pending_gap = fault.duration
@@ -302,9 +309,14 @@ class Simulation:
     def _lossy_end(self, node: _Node) -> None:
         node.lossy -= 1
 
-    def _outage_end(self) -> None:
+    def _outage_end(self, fault: Fault) -> None:
         self.outage_depth -= 1
-        self._log(None, "outage over")
+        if fault.kind == "server_restart":
+            self.server.step_wall(fault.step_s)
+            self.server.restart(self.now)
+            self._log(None, f"restarted on a new boot: {self.server.describe(self.now)}")
+        else:
+            self._log(None, "outage over")
 
     def _partition_end(self, node: _Node) -> None:
         node.partition_depth -= 1
@@ -570,22 +582,15 @@ class Simulation:
     # -- Control API (the real rules) ---------------------------------------------
 
     def _decide(self, node: _Node) -> _Answer:
-        decision = decide_acquire(
-            self.row,
-            controller_id=node.node_id,
-            host=f"{node.node_id}.local",
-            ttl_sec=float(self.ttl),
-            preferred=node.idx == 0,
-            metadata_json=None,
-            now=self.now,
-        )
-        previous = self.row
-        self.row = row = decision.row
+        server = self.server
+        previous = server.row
+        decision = server.acquire(node.node_id, preferred=node.idx == 0, t=self.now)
+        row = decision.row
         if decision.operation != "deny":
             self._log(None, f"{decision.operation} term {row.term} for {node.node_id}")
-        expiry_moved = previous is None or previous.lease_expires_at != row.lease_expires_at
+        expiry_moved = previous is None or previous.expires != row.expires
         if expiry_moved and self.waiters:
-            self._push(row.lease_expires_at, self._wake_waiters)
+            self._wake_at_expiry()
         return _Answer(
             holder_id=row.holder_id,
             term=row.term,
@@ -594,24 +599,29 @@ class Simulation:
             operation=wire_operation(decision.operation),
         )
 
+    def _wake_at_expiry(self) -> None:
+        """The server's timer for the expiry instant (monotonic, like gevent's)."""
+        at = self.server.expiry_at(self.now)
+        if at is not None:
+            self._push(max(at, self.now), self._wake_waiters)
+
     def _server_acquire(self, node: _Node, inc: int, rid: int, wait_s: float) -> None:
-        row = self.row
+        server = self.server
         if (
             wait_s > 0
             and self.config.long_poll
-            and row is not None
-            and row.is_live(self.now)
-            and row.holder_id != node.node_id
+            and server.live(self.now)
+            and server.row is not None
+            and server.row.holder_id != node.node_id
         ):
             self.waiters.append((node, inc, rid, self.now + wait_s))
-            self._push(row.lease_expires_at, self._wake_waiters)
+            self._wake_at_expiry()
             self._push(self.now + wait_s, self._waiter_done, node, inc, rid)
             return
         self._reply(node, inc, rid, self._decide(node), self._cycle_answer)
 
     def _wake_waiters(self) -> None:
-        row = self.row
-        if not self.waiters or (row is not None and row.is_live(self.now)):
+        if not self.waiters or self.server.live(self.now):
             return
         for waiter in list(self.waiters):
             node, inc, rid, _ = waiter
@@ -628,8 +638,7 @@ class Simulation:
                 return
 
     def _server_release(self, node: _Node, inc: int, rid: int, term: int) -> None:
-        decision = decide_release(self.row, controller_id=node.node_id, term=term, now=self.now)
-        self.row = decision.row
+        decision = self.server.release(node.node_id, term, self.now)
         self._log(None, f"release term {term} by {node.node_id}: {decision.released}")
         self._reply(node, inc, rid, decision.released, self._release_answer)
         if decision.released:
@@ -658,22 +667,11 @@ class Simulation:
         result.passes_checked += 1
         term = m.current_term
         assert term is not None
-        row = self.row
-        if not (
-            row is not None
-            and row.holder_id == node.node_id
-            and row.term == term
-            and row.is_live(self.now)
-        ):
-            held = (
-                "no lease"
-                if row is None
-                else f"term {row.term} of {row.holder_id}, expiring {row.lease_expires_at:.6f}"
-                + (" (released)" if row.released else "")
-            )
+        if not self.server.holds(node.node_id, term, self.now):
             self._violate(
                 "lease_overrun",
-                f"{node.node_id} passed its check for term {term} while the server has {held}",
+                f"{node.node_id} passed its check for term {term} while the server has "
+                + self.server.describe(self.now),
             )
         if self.pending_deaths:
             for death in list(self.pending_deaths):
