@@ -366,6 +366,7 @@ class Simulation:
         node.machine = make_machine(self.config, node.node_id)
         node.inflight = None
         node.began = None
+        node.cycle_starts.clear()  # a spin is one process's; a restart starts afresh
         node.stopping = False
         node.passes_running = False
         node.deadline_gen += 1
