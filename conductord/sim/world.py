@@ -1,7 +1,9 @@
-"""The simulated world: nodes, the network between them and the Control API, in one event heap.
+"""The simulated world: nodes, the network and the Control API's front end, in one event heap.
 
 `Simulation(seed, config).run()` plays one seed (see the package docstring for the model and
-the invariants it checks). Nothing here sleeps, reads a clock or opens a socket.
+the invariants it checks). The lease row and the server's clocks are `server.ControlApi`;
+here are the requests to it, the parked long-polls and the answers back. Nothing here
+sleeps, reads a clock or opens a socket.
 """
 
 from __future__ import annotations
