@@ -46,13 +46,12 @@ import gevent
 from gevent.event import Event
 from gevent.pool import Group
 
-from conductord import endpoints, identity, logs
+from conductord import endpoints, identity, logs, pacing
 from conductord.client import ControlApiClient, ControlApiError
 from conductord.clock import lease_clock
 from conductord.config import Config, config_warnings
 from conductord.lease import (
     INFLIGHT_GRACE_S,
-    JITTER,
     STARTUP_CHECKLIST,
     LeaseMachine,
     LeaseState,
@@ -395,8 +394,8 @@ class Runtime:
         cfg = self.config
         m = self.machine
         # A standby may long-poll (SPEC §12); a leader, or a node renewing a grant it could
-        # not use, never waits.
-        long_poll = wait and m.state is not LeaseState.LEADER and not m.needs_prompt_renew()
+        # not use, never waits (the same rule the simulator paces by).
+        long_poll = wait and pacing.long_polls(m)
         sent_at = self.clock()
         try:
             try:
@@ -475,17 +474,13 @@ class Runtime:
         self._loops[name] = greenlet
 
     def _run_loop(self, name: str, interval_s: float, iteration: Callable[[], Any]) -> None:
-        # The first iteration of each loop already ran in the start sequence. That acquire
-        # never waits (so --run-once stays quick); a standby parks on the server right after
-        # it instead of one interval later, so a handover in that window is not missed.
+        # The first iteration of each loop already ran in the start sequence (whose acquire
+        # never waits); `pacing` decides every wait from there, the first one included.
         began = self.clock()
-        m = self.machine
-        park_now = (
-            name == "lease" and m.state is LeaseState.STANDBY and m.consecutive_renew_failures == 0
-        )
+        after_start = True
         while True:
-            remaining = 0.0 if park_now else self._pace(name, interval_s, self.clock() - began)
-            park_now = False
+            remaining = self._pace(name, interval_s, self.clock() - began, after_start=after_start)
+            after_start = False
             if remaining > 0:
                 if self._stop_requested.wait(remaining):
                     return
@@ -495,15 +490,20 @@ class Runtime:
             iteration()
             self.loop_progress[name] = self.clock()
 
-    def _pace(self, name: str, interval_s: float, elapsed: float) -> float:
-        """Seconds to wait before the next cycle: start-to-start, one interval ±10 %."""
-        if name == "lease":
-            if self.machine.needs_prompt_renew():
-                return 0.0
-            if self._long_polled and elapsed >= interval_s * (1 - JITTER):
-                # The server held the call for the whole wait: re-park at once (SPEC §12).
-                return 0.0
-        return interval_s * self._rng.uniform(1 - JITTER, 1 + JITTER) - elapsed
+    def _pace(
+        self, name: str, interval_s: float, elapsed: float, *, after_start: bool = False
+    ) -> float:
+        """Seconds to wait before the next cycle (the rules are in `conductord.pacing`)."""
+        if name != "lease":
+            return pacing.loop_wait_s(interval_s, elapsed, self._rng)
+        return pacing.lease_wait_s(
+            self.machine,
+            interval_s=interval_s,
+            elapsed_s=elapsed,
+            long_polled=self._long_polled,
+            rng=self._rng,
+            after_start=after_start,
+        )
 
     def _loop_alive(self, name: str) -> bool:
         greenlet = self._loops.get(name)

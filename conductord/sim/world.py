@@ -1,192 +1,34 @@
-"""Deterministic fleet simulation: prove no two leaders under hostile schedules (SPEC §13).
+"""The simulated world: nodes, the network and the Control API's front end, in one event heap.
 
-A whole fleet runs in simulated time: N nodes, each with the real `lease.LeaseMachine`, paced
-the way `runtime.Runtime` paces it, against a Control API that decides with the real
-`control_api.rules` (`decide_acquire`, `decide_release`). Nothing sleeps and nothing opens a
-socket; one `random.Random(seed)` drives everything, so a seed replays exactly.
-
-Model (real time = the Control API server's clock, in seconds):
-- Events sit in a heap keyed by (time, original time, sequence number): the tie-break is
-  deterministic and an event deferred by a pause keeps its place among the others.
-- Node clocks: local monotonic time = rate × real time + offset, rate within ±`drift`.
-  Local timers fire at their local deadline plus a jitter in [0, `timer_jitter_ms`], never
-  early. A pause (stop-the-world) defers every event of that node to its end while its clock
-  keeps running, so the node resumes with a stale view; a crash drops its pending events and
-  restarts it later with the same node id and a fresh machine.
-- Lease loop as in `runtime.py`: the start sequence runs one cycle, the loop then paces cycles
-  start to start every renew interval ±10 %, or at once when `needs_prompt_renew()`; a request
-  without an answer fails with `lease_failed` after the request timeout; a deadline timer
-  calls `tick()` at `valid_until`. Standbys may long-poll (§12): the server parks the request
-  and grants at release or at the expiry instant. Graceful stop: `begin_stop`, wait up to
-  0.5 s for the in-flight cycle, release the held term, `stopped()`.
-- Network: one-way latency (fast: up to `latency_max_ms`; with `slow_prob` a slow message of
-  up to twice the request timeout); a request or a reply is lost with `loss_prob` (a lost
-  reply after the server applied the request is the interesting case); a "lossy" fault makes
-  one node's link bad for a while. A partition cuts one node off the Control API; an outage
-  cuts everybody (the server's lease row survives it). Each cut either refuses connections
-  (fail fast, chosen with `fast_fail_prob`) or is a black hole (hang to the timeout).
-- Scheduler: while a node is leader it runs a pass every `pass_interval_ms` of local time.
-  A pass that finds `scheduler_enabled(local_now)` true is checked, then acts a little later
-  (`act_delay_max_ms`); any pause may fall between the check and the act, and a "gap pause"
-  fault waits for the worst moment: the next check within `gap_window_s` of its node's local
-  deadline. The act carries the term to a fenced resource that rejects any term lower than
-  the highest it has seen.
-
-Invariants, checked at every check and act (SPEC §13):
-- `two_schedulers_in_term`: within one term only one node id ever acts;
-- `term_decreased`: acts never go back to a lower term (no stale leader acts);
-- `lease_overrun`: a check that passes while the server does not hold that term live for that
-  node (the state machine's own promise; stricter than the two above);
-- `no_failover`: after the leader crashes, stops or is cut off at t, some node schedules again
-  by t + `failover_bound_s()`. Checked only when, from t to that bound, every other node is
-  either untouched by any fault (no pause, partition, crash, stop, outage, bad link, lost or
-  slow message) or down throughout, the dead leader has no fault but its death, and at least
-  one other node is up: a grant whose reply is lost stalls failover beyond any fixed bound.
-With `fencing` the act invariants apply to the acts the resource accepted; without it, to every
-act performed. Both views are counted on every run.
-
-Limits: heartbeats are not modelled (they never change the lease state); the server's clock
-is the reference, so its own drift shows up as every node drifting the other way; a request's
-timeout is one total deadline (requests' per-read timeout can let an answer come later, which
-is safe because validity counts from the send time); a scheduler pass is modelled only while
-the node is leader, which is equivalent because `scheduler_enabled` is false otherwise.
+`Simulation(seed, config).run()` plays one seed (see the package docstring for the model and
+the invariants it checks). The lease row and the server's clocks are `server.ControlApi`;
+here are the requests to it, the parked long-polls and the answers back. Nothing here
+sleeps, reads a clock or opens a socket.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import heapq
-import json
 import math
-import os
 import random
-import sys
-import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from conductord.control_api.rules import LeaseRow, decide_acquire, decide_release
-from conductord.lease import (
-    INFLIGHT_GRACE_S,
-    JITTER,
-    LeaseMachine,
-    LeaseResponse,
-    LeaseState,
-    default_margin_s,
+from conductord import pacing
+from conductord.lease import INFLIGHT_GRACE_S, LeaseMachine, LeaseState
+from conductord.sim.model import (
+    Fault,
+    RunResult,
+    SimConfig,
+    Violation,
+    generate_faults,
+    make_machine,
 )
+from conductord.sim.server import ControlApi
 from conductord.wire import wire_operation
 
 INF = math.inf
-
-FAULT_KINDS = ("crash", "stop", "partition", "outage", "pause", "gap_pause", "lossy")
-_CUTS = ("partition", "outage")
-_FAULT_WEIGHTS = (2, 1, 3, 1, 3, 2, 2)
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    """One simulated fleet and how hostile its world is. Times in seconds unless named."""
-
-    nodes: int = 5
-    duration_s: float = 600.0
-    lease_ttl_sec: int = 30
-    lease_renew_interval_ms: int = 5000
-    request_timeout_ms: int = 5000
-    # The count rule only ever steps a leader down earlier than the time rule; switched off
-    # (1000) by default so that the time rule and its margin alone must keep the fleet safe.
-    renew_failure_threshold: int = 1000
-    margin_s: float | None = None  # None: lease.default_margin_s, as the runtime uses
-    machine: str = "real"  # "real", or a broken one: "margin0", "ignore-foreign"
-    long_poll: bool = False
-    fencing: bool = True
-    pass_interval_ms: float = 50.0
-    act_delay_max_ms: float = 2.0
-    drift: float = 0.001
-    timer_jitter_ms: float = 5.0
-    latency_min_ms: float = 0.2
-    latency_mean_ms: float = 2.0
-    latency_max_ms: float = 20.0
-    slow_prob: float = 0.002
-    loss_prob: float = 0.002
-    lossy_slow_prob: float = 0.1  # inside a "lossy" fault (a bad link for a while)
-    lossy_loss_prob: float = 0.3
-    lossy_max_s: float = 60.0
-    fast_fail_prob: float = 0.5
-    faults_per_hour: float = 90.0
-    pause_max_s: float = 45.0
-    gap_pause_max_s: float = 4.0
-    gap_window_s: float = 0.5  # a gap pause hits a check this close to the local deadline
-    down_max_s: float = 60.0
-    partition_max_s: float = 60.0
-    outage_max_s: float = 40.0
-
-    @property
-    def effective_margin_s(self) -> float:
-        if self.machine == "margin0":
-            return 0.0
-        if self.margin_s is not None:
-            return self.margin_s
-        return default_margin_s(self.lease_renew_interval_ms, self.lease_ttl_sec)
-
-    def failover_bound_s(self) -> float:
-        """TTL + renew interval (+10 % jitter, slowed by drift) + timer jitter + network.
-
-        Network: three fast one-way delays, a renewal of the dead leader still in flight plus
-        the new leader's round trip.
-        """
-        renew = self.lease_renew_interval_ms / 1000.0 * (1 + JITTER) / (1 - self.drift)
-        return (
-            self.lease_ttl_sec
-            + renew
-            + self.timer_jitter_ms / 1000.0
-            + 3 * self.latency_max_ms / 1000.0
-            + 0.001
-        )
-
-
-@dataclass(frozen=True)
-class Fault:
-    """One scheduled fault. `node` is None for an outage and a gap pause (any node)."""
-
-    at: float
-    kind: str
-    node: int | None
-    duration: float
-    refused: bool = False  # partition/outage: connections refused at once, else black hole
-
-    def __str__(self) -> str:
-        who = "fleet" if self.node is None else f"node-{self.node}"
-        how = (" (refused)" if self.refused else " (black hole)") if self.kind in _CUTS else ""
-        return f"{self.kind} {who} at {self.at:.6f} for {self.duration:.6f}s{how}"
-
-
-@dataclass(frozen=True)
-class Violation:
-    kind: str
-    at: float
-    detail: str
-
-
-@dataclass
-class RunResult:
-    seed: int
-    sim_seconds: float = 0.0
-    events: int = 0
-    passes_checked: int = 0  # scheduler passes that found the scheduler enabled
-    acts_performed: int = 0
-    acts_accepted: int = 0
-    acts_rejected: int = 0  # stale acts the fence refused
-    violations: list[Violation] = field(default_factory=list)  # the first of each kind
-    violation_events: int = 0  # every time an invariant failed
-    unfenced_violations: int = 0  # act invariants on every performed act
-    failovers: list[float] = field(default_factory=list)  # seconds, windows that qualified
-    liveness_windows_skipped: int = 0
-    max_cycles_per_interval: int = 0  # lease cycles started within one renew interval
-    faults: tuple[Fault, ...] = ()
-    clock_rates: dict[str, float] = field(default_factory=dict)
-    trace: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -197,56 +39,6 @@ class _Answer:
     is_leader: bool
     operation: str
     instance_conflict: bool = False  # one process per node id in the model
-
-
-class _IgnoresForeignHolder(LeaseMachine):
-    """Broken on purpose: a node that held a term takes any answer as its own renewal."""
-
-    def lease_succeeded(self, response: LeaseResponse, *, sent_at: float, now: float) -> Any:
-        if self.held_term is not None:
-            response = dataclasses.replace(response, holder_id=self.node_id, is_leader=True)  # type: ignore[type-var]
-        return super().lease_succeeded(response, sent_at=sent_at, now=now)
-
-
-def make_machine(config: SimConfig, node_id: str) -> LeaseMachine:
-    cls = _IgnoresForeignHolder if config.machine == "ignore-foreign" else LeaseMachine
-    if config.machine not in ("real", "margin0", "ignore-foreign"):
-        raise ValueError(f"unknown machine {config.machine!r}")
-    return cls(
-        node_id=node_id,
-        lease_ttl_sec=config.lease_ttl_sec,
-        renew_failure_threshold=config.renew_failure_threshold,
-        margin_s=config.effective_margin_s,
-    )
-
-
-def generate_faults(config: SimConfig, rng: random.Random) -> list[Fault]:
-    """A hostile schedule: faults arrive as a Poisson process over the run."""
-    faults: list[Fault] = []
-    rate = config.faults_per_hour / 3600.0
-    t = 0.0
-    while rate > 0:
-        t += rng.expovariate(rate)
-        if t >= config.duration_s:
-            break
-        kind = rng.choices(FAULT_KINDS, _FAULT_WEIGHTS)[0]
-        node: int | None = rng.randrange(config.nodes)
-        if kind == "crash" or kind == "stop":
-            duration = rng.uniform(0.1, config.down_max_s)
-        elif kind == "partition":
-            duration = rng.uniform(0.1, config.partition_max_s)
-        elif kind == "outage":
-            node, duration = None, rng.uniform(0.1, config.outage_max_s)
-        elif kind == "pause":
-            # log-uniform from 1 ms: mostly short hiccups, sometimes longer than the TTL
-            duration = math.exp(rng.uniform(math.log(0.001), math.log(config.pause_max_s)))
-        elif kind == "lossy":
-            duration = rng.uniform(0.1, config.lossy_max_s)
-        else:  # gap_pause: the next check that passes just before its deadline pauses
-            node, duration = None, rng.uniform(0.0, config.gap_pause_max_s)
-        refused = kind in _CUTS and rng.random() < config.fast_fail_prob
-        faults.append(Fault(round(t, 6), kind, node, round(duration, 6), refused))
-    return faults
 
 
 class _Interval:
@@ -270,6 +62,7 @@ class _Node:
         "idx",
         "inc",
         "inflight",
+        "long_polled",
         "lossy",
         "machine",
         "node_id",
@@ -308,6 +101,7 @@ class _Node:
         self.inflight: int | None = None
         self.sent_at = 0.0
         self.began: float | None = None
+        self.long_polled = False  # the last lease cycle asked the server to wait
         self.deadline_gen = 0
         self.passes_running = False
         self.stopping = False
@@ -376,7 +170,7 @@ class Simulation:
         self._heap: list[tuple[Any, ...]] = []
         self._seq = 0
 
-        self.row: LeaseRow | None = None
+        self.server = ControlApi(config.server, float(config.lease_ttl_sec))
         self.outage_depth = 0
         self.outage_refused = False
         self.outages: list[_Interval] = []
@@ -466,13 +260,19 @@ class Simulation:
 
     def _fault(self, fault: Fault) -> None:
         self._log(None, f"FAULT {fault}")
-        if fault.kind == "outage":
+        injected = self.result.faults_injected
+        injected[fault.kind] = injected.get(fault.kind, 0) + 1
+        if fault.kind in ("outage", "server_restart"):
             self.outage_depth += 1
             self.outage_refused = fault.refused
             iv = _Interval("outage", self.now, self.now + fault.duration)
             self.outages.append(iv)
             self.waiters.clear()  # parked connections die with the server process
-            self._push(self.now + fault.duration, self._outage_end)
+            self._push(self.now + fault.duration, self._outage_end, fault)
+            return
+        if fault.kind == "clock_step":
+            # Not a disturbance for the liveness check: the real server does not notice it.
+            self.server.step_wall(fault.step_s)
             return
         if fault.kind == "gap_pause":
             self.pending_gap = fault.duration
@@ -511,9 +311,14 @@ class Simulation:
     def _lossy_end(self, node: _Node) -> None:
         node.lossy -= 1
 
-    def _outage_end(self) -> None:
+    def _outage_end(self, fault: Fault) -> None:
         self.outage_depth -= 1
-        self._log(None, "outage over")
+        if fault.kind == "server_restart":
+            self.server.step_wall(fault.step_s)
+            self.server.restart(self.now)
+            self._log(None, f"restarted on a new boot: {self.server.describe(self.now)}")
+        else:
+            self._log(None, "outage over")
 
     def _partition_end(self, node: _Node) -> None:
         node.partition_depth -= 1
@@ -563,6 +368,7 @@ class Simulation:
         node.machine = make_machine(self.config, node.node_id)
         node.inflight = None
         node.began = None
+        node.cycle_starts.clear()  # a spin is one process's; a restart starts afresh
         node.stopping = False
         node.passes_running = False
         node.deadline_gen += 1
@@ -622,13 +428,9 @@ class Simulation:
     def _start_cycle(self, node: _Node, *, wait: bool) -> None:
         m = node.machine
         assert m is not None
-        cfg = self.config
-        long_poll = (
-            wait
-            and cfg.long_poll
-            and m.state is not LeaseState.LEADER
-            and not m.needs_prompt_renew()
-        )
+        # Asked as the runtime asks; whether the server parks it is `config.long_poll`.
+        long_poll = wait and pacing.long_polls(m)
+        node.long_polled = long_poll
         local_now = node.local(self.now)
         starts = node.cycle_starts
         starts.append(local_now)
@@ -684,12 +486,20 @@ class Simulation:
         m = node.machine
         assert m is not None
         local_now = node.local(self.now)
-        if node.began is None:  # the start sequence's cycle: the loop starts now
+        after_start = node.began is None  # the start sequence's cycle: the loop starts now
+        if after_start:
             node.began = local_now
-        delay = self.renew_s * node.rng.uniform(1 - JITTER, 1 + JITTER)
-        remaining = delay - (local_now - node.began)
-        if remaining > 0 and not m.needs_prompt_renew():
-            self._timer(node, local_now + remaining, self._loop_cycle, node)
+        assert node.began is not None
+        wait = pacing.lease_wait_s(
+            m,
+            interval_s=self.renew_s,
+            elapsed_s=local_now - node.began,
+            long_polled=node.long_polled,
+            rng=node.rng,
+            after_start=after_start,
+        )
+        if wait > 0:
+            self._timer(node, local_now + wait, self._loop_cycle, node)
         else:
             self._push_node(self.now, node, self._loop_cycle, node)
 
@@ -775,22 +585,15 @@ class Simulation:
     # -- Control API (the real rules) ---------------------------------------------
 
     def _decide(self, node: _Node) -> _Answer:
-        decision = decide_acquire(
-            self.row,
-            controller_id=node.node_id,
-            host=f"{node.node_id}.local",
-            ttl_sec=float(self.ttl),
-            preferred=node.idx == 0,
-            metadata_json=None,
-            now=self.now,
-        )
-        previous = self.row
-        self.row = row = decision.row
+        server = self.server
+        previous = server.row
+        decision = server.acquire(node.node_id, preferred=node.idx == 0, t=self.now)
+        row = decision.row
         if decision.operation != "deny":
             self._log(None, f"{decision.operation} term {row.term} for {node.node_id}")
-        expiry_moved = previous is None or previous.lease_expires_at != row.lease_expires_at
+        expiry_moved = previous is None or previous.expires != row.expires
         if expiry_moved and self.waiters:
-            self._push(row.lease_expires_at, self._wake_waiters)
+            self._wake_at_expiry()
         return _Answer(
             holder_id=row.holder_id,
             term=row.term,
@@ -799,23 +602,29 @@ class Simulation:
             operation=wire_operation(decision.operation),
         )
 
+    def _wake_at_expiry(self) -> None:
+        """The server's timer for the expiry instant (monotonic, like gevent's)."""
+        at = self.server.expiry_at(self.now)
+        if at is not None:
+            self._push(max(at, self.now), self._wake_waiters)
+
     def _server_acquire(self, node: _Node, inc: int, rid: int, wait_s: float) -> None:
-        row = self.row
+        server = self.server
         if (
             wait_s > 0
-            and row is not None
-            and row.is_live(self.now)
-            and row.holder_id != node.node_id
+            and self.config.long_poll
+            and server.live(self.now)
+            and server.row is not None
+            and server.row.holder_id != node.node_id
         ):
             self.waiters.append((node, inc, rid, self.now + wait_s))
-            self._push(row.lease_expires_at, self._wake_waiters)
+            self._wake_at_expiry()
             self._push(self.now + wait_s, self._waiter_done, node, inc, rid)
             return
         self._reply(node, inc, rid, self._decide(node), self._cycle_answer)
 
     def _wake_waiters(self) -> None:
-        row = self.row
-        if not self.waiters or (row is not None and row.is_live(self.now)):
+        if not self.waiters or self.server.live(self.now):
             return
         for waiter in list(self.waiters):
             node, inc, rid, _ = waiter
@@ -832,8 +641,7 @@ class Simulation:
                 return
 
     def _server_release(self, node: _Node, inc: int, rid: int, term: int) -> None:
-        decision = decide_release(self.row, controller_id=node.node_id, term=term, now=self.now)
-        self.row = decision.row
+        decision = self.server.release(node.node_id, term, self.now)
         self._log(None, f"release term {term} by {node.node_id}: {decision.released}")
         self._reply(node, inc, rid, decision.released, self._release_answer)
         if decision.released:
@@ -862,22 +670,11 @@ class Simulation:
         result.passes_checked += 1
         term = m.current_term
         assert term is not None
-        row = self.row
-        if not (
-            row is not None
-            and row.holder_id == node.node_id
-            and row.term == term
-            and row.is_live(self.now)
-        ):
-            held = (
-                "no lease"
-                if row is None
-                else f"term {row.term} of {row.holder_id}, expiring {row.lease_expires_at:.6f}"
-                + (" (released)" if row.released else "")
-            )
+        if not self.server.holds(node.node_id, term, self.now):
             self._violate(
                 "lease_overrun",
-                f"{node.node_id} passed its check for term {term} while the server has {held}",
+                f"{node.node_id} passed its check for term {term} while the server has "
+                + self.server.describe(self.now),
             )
         if self.pending_deaths:
             for death in list(self.pending_deaths):
@@ -960,214 +757,3 @@ class Simulation:
             )
         else:
             self.result.failovers.append(death.resolved_at - death.at)
-
-
-# -- running many seeds ------------------------------------------------------------
-
-
-def run_seed(
-    seed: int,
-    config: SimConfig,
-    *,
-    faults: Sequence[Fault] | None = None,
-    trace: bool = False,
-    stop_at_first_violation: bool = False,
-) -> RunResult:
-    """Run one seed; `faults` replaces the generated schedule (the rest of the seed stays)."""
-    return Simulation(
-        seed, config, faults=faults, trace=trace, stop_at_first_violation=stop_at_first_violation
-    ).run()
-
-
-def shrink(seed: int, config: SimConfig, kind: str | None = None) -> RunResult:
-    """The seed's run with as few faults as still give a violation (of `kind` if given).
-
-    Drops one fault at a time and keeps the drop while the violation persists, until no
-    single drop keeps it; then replays the result with a trace. Latency, loss and jitter stay
-    those of the seed (their random streams are per node, so they mostly survive the drops).
-    """
-
-    def violates(faults: Sequence[Fault] | None) -> RunResult | None:
-        result = run_seed(seed, config, faults=faults, stop_at_first_violation=True)
-        hits = [v for v in result.violations if kind is None or v.kind == kind]
-        return result if hits else None
-
-    first = violates(None)
-    if first is None:
-        raise ValueError(f"seed {seed} shows no violation to shrink")
-    kind = kind or first.violations[0].kind
-    faults = list(first.faults)
-    shrunk = True
-    while shrunk:
-        shrunk = False
-        for i in range(len(faults)):
-            candidate = faults[:i] + faults[i + 1 :]
-            if violates(candidate) is not None:
-                faults = candidate
-                shrunk = True
-                break
-    return run_seed(seed, config, faults=faults, trace=True, stop_at_first_violation=True)
-
-
-@dataclass
-class Summary:
-    """What a batch of seeds found (the CLI prints it as one JSON line)."""
-
-    seeds: int = 0
-    sim_hours: float = 0.0
-    events: int = 0
-    passes_checked: int = 0
-    acts_performed: int = 0
-    acts_accepted: int = 0
-    acts_rejected_by_fence: int = 0
-    unfenced_violations: int = 0
-    violations: int = 0
-    violating_seeds: list[int] = field(default_factory=list)
-    unfenced_violating_seeds: list[int] = field(default_factory=list)
-    violation_kinds: dict[str, int] = field(default_factory=dict)
-    liveness_windows_checked: int = 0
-    liveness_windows_skipped: int = 0
-    worst_failover_s: float | None = None
-    median_failover_s: float | None = None
-    max_cycles_per_interval: int = 0
-    _failovers: list[float] = field(default_factory=list, repr=False)
-
-    def add(self, result: RunResult) -> None:
-        self.seeds += 1
-        self.sim_hours += result.sim_seconds / 3600.0
-        self.events += result.events
-        self.passes_checked += result.passes_checked
-        self.acts_performed += result.acts_performed
-        self.acts_accepted += result.acts_accepted
-        self.acts_rejected_by_fence += result.acts_rejected
-        self.unfenced_violations += result.unfenced_violations
-        self.violations += len(result.violations)
-        if result.violations:
-            self.violating_seeds.append(result.seed)
-        if result.unfenced_violations:
-            self.unfenced_violating_seeds.append(result.seed)
-        for v in result.violations:
-            self.violation_kinds[v.kind] = self.violation_kinds.get(v.kind, 0) + 1
-        self.liveness_windows_checked += len(result.failovers)
-        self.liveness_windows_skipped += result.liveness_windows_skipped
-        self._failovers.extend(result.failovers)
-        self.max_cycles_per_interval = max(
-            self.max_cycles_per_interval, result.max_cycles_per_interval
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        failovers = sorted(self._failovers)
-        doc = {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("_")}
-        doc["sim_hours"] = round(self.sim_hours, 3)
-        doc["violating_seeds"] = self.violating_seeds[:20]
-        doc["unfenced_violating_seeds"] = self.unfenced_violating_seeds[:20]
-        if failovers:
-            doc["worst_failover_s"] = round(failovers[-1], 3)
-            doc["median_failover_s"] = round(failovers[len(failovers) // 2], 3)
-        return doc
-
-
-def _run_chunk(args: tuple[list[int], SimConfig]) -> list[RunResult]:
-    seeds, config = args
-    results = []
-    for seed in seeds:
-        result = run_seed(seed, config)
-        result.faults = ()  # keep the inter-process traffic small; the seed replays them
-        results.append(result)
-    return results
-
-
-def run_many(
-    seeds: Iterable[int], config: SimConfig, *, jobs: int = 1
-) -> tuple[Summary, list[RunResult]]:
-    """Run seeds (in worker processes when jobs > 1); results come back in seed order."""
-    seeds = list(seeds)
-    summary = Summary()
-    failing: list[RunResult] = []
-    if jobs <= 1:
-        chunks: Iterable[list[RunResult]] = (_run_chunk(([s], config)) for s in seeds)
-    else:
-        from concurrent.futures import ProcessPoolExecutor
-
-        size = max(1, min(50, len(seeds) // (jobs * 4) or 1))
-        parts = [(seeds[i : i + size], config) for i in range(0, len(seeds), size)]
-        pool = ProcessPoolExecutor(max_workers=jobs)
-        chunks = pool.map(_run_chunk, parts)
-    for chunk in chunks:
-        for result in chunk:
-            summary.add(result)
-            if result.violations:
-                failing.append(result)
-    if jobs > 1:
-        pool.shutdown()
-    return summary, failing
-
-
-# -- command line --------------------------------------------------------------------
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m conductord.sim",
-        description="Deterministic fleet simulation (SPEC §13); prints one JSON line.",
-    )
-    parser.add_argument("--seeds", type=int, default=1000, help="number of seeds (default 1000)")
-    parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--no-shrink", action="store_true", help="do not shrink a failing seed")
-    defaults = SimConfig()
-    for f in dataclasses.fields(SimConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if isinstance(default, bool):
-            parser.add_argument(flag, type=_boolean, default=default, metavar="BOOL")
-        elif f.name == "margin_s":
-            parser.add_argument(flag, type=float, default=None)
-        elif f.name == "machine":
-            parser.add_argument(
-                flag, choices=("real", "margin0", "ignore-foreign"), default=default
-            )
-        else:
-            parser.add_argument(flag, type=type(default), default=default)
-    return parser
-
-
-def _boolean(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    config = SimConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SimConfig)})
-    seeds = range(args.first_seed, args.first_seed + args.seeds)
-    began = time.perf_counter()
-    summary, failing = run_many(seeds, config, jobs=args.jobs)
-    doc: dict[str, Any] = summary.as_dict()
-    doc["wall_s"] = round(time.perf_counter() - began, 2)
-    doc["config"] = {**dataclasses.asdict(config), "effective_margin_s": config.effective_margin_s}
-    doc["failover_bound_s"] = round(config.failover_bound_s(), 3)
-    if failing:
-        first = failing[0]
-        violation = first.violations[0]
-        report: dict[str, Any] = {
-            "seed": first.seed,
-            "kind": violation.kind,
-            "at": round(violation.at, 6),
-            "detail": violation.detail,
-        }
-        if not args.no_shrink:
-            shrunk = shrink(first.seed, config, violation.kind)
-            report["faults"] = [str(f) for f in shrunk.faults]
-            report["trace"] = (shrunk.trace or [])[-40:]
-        doc["first_violation"] = report
-    sys.stdout.write(json.dumps(doc) + "\n")
-    return 1 if failing else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
