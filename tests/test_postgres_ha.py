@@ -324,11 +324,6 @@ def test_diagnose_tells_a_shared_store_from_a_sqlite_one(ha, tmp_path):
 # -- PostgreSQL itself fails over -------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known: store_postgres keys its first sightings by revision alone, and a failover"
-    " that lost a write reuses that revision (docs/postgres.md, PostgreSQL failover)",
-)
 def test_a_failover_that_lost_a_renewal_never_grants_beside_the_next_one(tmp_path):
     """Asynchronous replication: the promoted replica lacks the last renewal, acknowledged to
     the holder and seen by process A. After the failover (longer than a TTL) the holder renews

@@ -18,7 +18,9 @@ Design:
   can only see a revision after it was written, it never grants before the holder's own
   deadline, whatever the database clock (or this machine's wall clock) does. A process that
   just started has seen nothing, so every unreleased lease is live one TTL from its first look:
-  the restart rule for free. Every write NOTIFYs its revision (renewals included), so every
+  the restart rule for free. A write is named by its revision and a random `write_id`: a
+  database failover that lost writes makes the next write reuse a revision number, which
+  must still count as new. Every write NOTIFYs it (renewals included), so every
   process's first sighting is within milliseconds of the write and a crash failover still
   takes TTL, not TTL plus the time until the next look. `now()` is the database clock as last
   read (every transaction reads it; a reading older than `CLOCK_REFRESH_SEC` is refreshed by a
@@ -40,7 +42,8 @@ Design:
 - Errors: every psycopg failure becomes a one-line `StoreError` (the app answers 503, the
   server exits 2 at start); the DSN's password is masked in every message.
 - Cross-process wake (SPEC §12): every lease write `NOTIFY conductord_lease` in its
-  transaction with the payload `<lease> <revision> <change|renew>`, delivered at commit.
+  transaction with the payload `<lease> <revision> <write_id> <change|renew>`, delivered at
+  commit.
   `watch(callback)` runs one LISTEN connection in a greenlet; it records each revision's first
   sighting and calls every callback on a holder change (grant, takeover, release; not on a
   renewal, which would only wake every parked waiter for nothing) and after every
@@ -62,6 +65,7 @@ gevent hub's thread, and so must `close()` when a watcher runs. Each process hol
 from __future__ import annotations
 
 import dataclasses
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -100,7 +104,7 @@ from conductord.control_api.store_base import (
 from conductord.logs import get_logger
 from conductord.wire import Heartbeat
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 NOTIFY_CHANNEL = "conductord_lease"
 CLOCK_REFRESH_SEC = 5.0
 
@@ -188,12 +192,15 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE UNIQUE INDEX lease_history_conflicts ON lease_history"
         " (lease_name, term, instance_id) WHERE reason = 'instance_conflict'",
     ),
+    # SPEC §15: a random name for every write of the lease row, so a write is known by itself,
+    # not by a revision number that a database failover losing writes would hand out again.
+    4: ("ALTER TABLE leases ADD COLUMN write_id text",),
 }
 
 _CLOCK = "extract(epoch FROM clock_timestamp())::float8"
 _LEASE_COLUMNS = (
     "lease_name, holder_id, holder_host, term, lease_expires_at, renewed_at, "
-    "preferred_holder_id, metadata_json, released, holder_instance_id, revision"
+    "preferred_holder_id, metadata_json, released, holder_instance_id, revision, write_id"
 )
 _CONTROLLER_COLUMNS = (
     "controller_id, host, role, priority, status, version, heartbeat_at, started_at, "
@@ -202,7 +209,7 @@ _CONTROLLER_COLUMNS = (
 _LOCK_LEASE = f"SELECT {_LEASE_COLUMNS} FROM leases WHERE lease_name = %s FOR UPDATE"
 _INSERT_PLACEHOLDER = f"""
     INSERT INTO leases ({_LEASE_COLUMNS}, updated_at)
-    VALUES (%s, '', '', 0, 0, 0, NULL, NULL, true, NULL, 0, {_CLOCK})
+    VALUES (%s, '', '', 0, 0, 0, NULL, NULL, true, NULL, 0, NULL, {_CLOCK})
     ON CONFLICT (lease_name) DO NOTHING
 """
 _UPDATE_LEASE = f"""
@@ -212,10 +219,11 @@ _UPDATE_LEASE = f"""
         preferred_holder_id = %(preferred_holder_id)s, metadata_json = %(metadata_json)s,
         released = %(released)s, holder_instance_id = %(holder_instance_id)s,
         revision = revision + %(bump)s,
+        write_id = CASE WHEN %(bump)s = 1 THEN %(write_id)s ELSE write_id END,
         last_client_now = coalesce(%(client_now)s, last_client_now),
         updated_at = {_CLOCK}
     WHERE lease_name = %(lease_name)s AND term <= %(term)s
-    RETURNING revision
+    RETURNING revision, write_id
 """
 _HISTORY_COLUMNS = "at, term, holder_id, holder_host, previous_holder_id, reason, instance_id"
 # A repeated instance conflict of one (term, instance) meets the unique index and adds nothing.
@@ -262,6 +270,8 @@ _HEARTBEAT = f"""
 
 Callback = Callable[[], None]
 Clock = Callable[[], float]
+# One write of the lease row as a process sees it: (revision, write_id).
+Write = tuple[int, str | None]
 
 
 def _is_placeholder(values: tuple | None) -> bool:
@@ -289,8 +299,8 @@ class PostgresStore:
         self._history_keep = history_keep
         self._conflicts = RecordedConflicts()
         self._lease_clock = lease_clock
-        # lease name -> (revision, lease-clock time this process first saw it); see module doc.
-        self._sightings: dict[str, tuple[int, float]] = {}
+        # lease name -> (the write, lease-clock time this process first saw it); see module doc.
+        self._sightings: dict[str, tuple[Write, float]] = {}
         self._pruned_at = float("-inf")
         self._secrets = dsn_secrets(dsn)
         self._log = log if log is not None else get_logger()
@@ -398,21 +408,27 @@ class PostgresStore:
     def lease_time(self) -> float:
         return self._lease_clock()
 
-    def _sighted(self, lease_name: str, revision: int, at: float | None = None) -> float:
-        """When this process first saw `revision` of the lease (noting it now if new)."""
+    def _sighted(self, lease_name: str, write: Write, at: float | None = None) -> float:
+        """When this process first saw `write` of the lease (noting it now if new).
+
+        A write is named by its revision AND its random `write_id`: after a database failover
+        that lost the last writes, the next write reuses a revision number this process may
+        have seen long ago, and must still count as new. An older revision than the one noted
+        (a late notification) changes nothing and is treated as just seen.
+        """
         seen = self._sightings.get(lease_name)
-        if seen is None or revision > seen[0]:
-            seen = (revision, self._lease_clock() if at is None else at)
+        if seen is None or write[0] > seen[0][0] or (write[0] == seen[0][0] and write != seen[0]):
+            seen = (write, self._lease_clock() if at is None else at)
             self._sightings[lease_name] = seen
-        return seen[1] if seen[0] == revision else self._lease_clock()
+        return seen[1] if seen[0] == write else self._lease_clock()
 
     def _lease(self, values: tuple | None) -> LeaseRow | None:
         """The row for the rules, its deadline one TTL after this process first saw it."""
         if _is_placeholder(values):
             return None
-        *head, released, holder_instance_id, revision = values
+        *head, released, holder_instance_id, revision, write_id = values
         row = LeaseRow(*head, released=released, holder_instance_id=holder_instance_id)
-        first_seen = self._sighted(row.lease_name, revision)
+        first_seen = self._sighted(row.lease_name, (revision, write_id))
         return dataclasses.replace(row, deadline=first_seen + max(row.ttl_sec, 0.0))
 
     def now(self) -> float:
@@ -580,6 +596,7 @@ class PostgresStore:
                 "holder_instance_id": row.holder_instance_id,
                 "client_now": client_now,
                 "bump": 0 if change is None else 1,
+                "write_id": secrets.token_hex(8),
             },
         )
         written = cursor.fetchone()
@@ -588,14 +605,13 @@ class PostgresStore:
             raise StoreError(f"refused to lower the term of lease {row.lease_name!r}")
         if change is None:
             return
-        revision = written[0]
-        # Our own write: this process knows the revision from the moment it decided it (the
-        # holder's deadline is measured from its send, before that moment).
-        self._sighted(row.lease_name, revision, at=decided_at)
+        write: Write = (written[0], written[1])
+        # Our own write: this process knows it from the moment it decided it (the holder's
+        # deadline is measured from its send, before that moment).
+        self._sighted(row.lease_name, write, at=decided_at)
         # Delivered to every listener when this transaction commits, never before.
-        conn.execute(
-            "SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, f"{row.lease_name} {revision} {change}")
-        )
+        payload = f"{row.lease_name} {write[0]} {write[1]} {change}"
+        conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, payload))
 
     def _record(
         self,
@@ -630,11 +646,16 @@ class PostgresStore:
         return conflict if entry.reason == "instance_conflict" else None
 
     def _on_notify(self, payload: str) -> bool:
-        """Note a revision another process wrote; True when the holder changed (wake)."""
-        lease_name, _, rest = payload.partition(" ")
-        revision_text, _, change = rest.partition(" ")
-        if revision_text.isdigit():
-            self._sighted(lease_name, int(revision_text))
+        """Note a write another process made; True when the holder changed (wake waiters).
+
+        Payload: `<lease> <revision> <write_id> <change|renew>`; anything else (an older
+        server's payload) only wakes.
+        """
+        parts = payload.split(" ")
+        if len(parts) != 4 or not parts[1].isdigit():
+            return True
+        lease_name, revision, write_id, change = parts
+        self._sighted(lease_name, (int(revision), write_id))
         return change != "renew"
 
     def _fire(self) -> None:
