@@ -756,7 +756,7 @@ class Runtime:
             return
         if transition.from_state is LeaseState.LEADER:  # a transition always changes the state
             self._leading.clear()
-            if self.exec_supervisor is not None:
+            if self.exec_supervisor is not None and not self.machine.stopping:  # stop told it
                 reason = EXEC_LOSE_REASONS.get(transition.reason, "leadership_lost")
                 self._exec_call(self.exec_supervisor.lose, reason)
         self.transitions_total[(str(transition.from_state), str(transition.to_state))] += 1
