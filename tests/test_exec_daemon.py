@@ -444,3 +444,18 @@ def test_a_failing_supervisor_crashes_the_daemon_with_the_group_gone(
     order = names(a)
     if "lease.released" in order:
         assert order.index("exec.exited") < order.index("lease.released")
+
+
+def test_config_errors_exit_2_in_one_line_before_anything_starts(fleet: Fleet, child: Any) -> None:
+    for args, names_in_line in (
+        # 800 ms + 250 ms does not fit the 1 s step-down margin of TTL 2 s, renew 250 ms.
+        ([*exec_args(child()), "--exec-stop-grace-ms", "800"], ["--exec-stop-grace-ms", "--exec"]),
+        (["--scheduler", "no_such_module_x7:run"], ["--scheduler", "BAA_CONDUCTOR_SCHEDULER"]),
+        (["--hooks", "no_such_module_x7"], ["--hooks", "BAA_CONDUCTOR_HOOKS"]),
+    ):
+        done = one_shot(fleet, [sys.executable, "-m", "conductord", "start"], args, {})
+        assert done.returncode == 2 and done.stdout == "", done
+        [line] = done.stderr.splitlines()
+        assert line.startswith("conductord: error: ") and all(n in line for n in names_in_line)
+        assert "Traceback" not in done.stderr
+    assert child.records.all() == []
