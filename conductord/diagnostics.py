@@ -2,9 +2,11 @@
 
 Runs the same start sequence as `start --run-once` (releasing any lease it took), then reports
 each checklist step with its outcome and time, the snapshot, the warnings and a verdict, as a
-human report or one JSON document. The exit code is the lease state's (SPEC §7): 0 leader or
-standby, 3 degraded. Log lines go to stderr, and only errors unless `--log-level debug`, so the
-report stays readable.
+human report or one JSON document. It also shows the leader-only work settings (SPEC §14):
+the `--exec` program (argv[0] only: arguments may hold secrets) and whether it resolves on
+PATH, and the `--scheduler` / `--hooks` plug-ins; it never starts the `--exec` command.
+The exit code is the lease state's (SPEC §7): 0 leader or standby, 3 degraded. Log lines go
+to stderr, and only errors unless `--log-level debug`, so the report stays readable.
 
 Every Control API URL (SPEC §17) is then checked on its own (`conductord.endpoints`): reachable
 (the §4 error if not), which store answers, which lease it sees, and whether the URLs share one
@@ -15,6 +17,7 @@ checks inform; they never change the verdict or the exit code.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from typing import Any
 
@@ -44,6 +47,8 @@ def run_diagnostics(config: Config, *, as_json: bool) -> int:
         runtime.stop()  # release whatever the start sequence took, even if a step raised
 
     report = build_report(runtime.steps, snapshot)
+    report["work"] = work_settings(config)
+    report["notes"] += work_notes(report["work"])
     add_endpoint_checks(report, config)
     # Redacted like a log line: a server could name the token as the lease holder.
     report = clean(report, [config.shared_token] if config.shared_token else [])
@@ -78,6 +83,50 @@ def build_report(steps: list[dict[str, Any]], snapshot: dict[str, Any]) -> dict[
     }
 
 
+def work_settings(config: Config) -> dict[str, Any]:
+    """The leader-only work settings (SPEC §14), safe to show: argv[0] of --exec only."""
+    program = config.exec_argv[0] if config.exec_argv else None
+    return {
+        "exec": {
+            "command": program,
+            "resolves_to": shutil.which(program) if program else None,
+            "every_ms": config.exec_every_ms,
+            "stop_grace_ms": config.exec_stop_grace_ms,
+        },
+        "scheduler": config.scheduler,
+        "scheduler_interval_ms": config.scheduler_interval_ms,
+        "hooks": config.hooks,
+    }
+
+
+def work_notes(work: dict[str, Any]) -> list[str]:
+    program = work["exec"]["command"]
+    if program is not None and work["exec"]["resolves_to"] is None:
+        return [f"the --exec program {program} is not an executable found on PATH"]
+    return []
+
+
+def _work_lines(work: dict[str, Any]) -> list[str]:
+    exe = work["exec"]
+    if exe["command"] is None:
+        exec_line = "-"
+    else:
+        found = exe["resolves_to"] or "NOT FOUND on PATH"
+        mode = f"every {exe['every_ms']} ms" if exe["every_ms"] else "service"
+        exec_line = (
+            f"{exe['command']} ({found}); {mode}, stop grace {exe['stop_grace_ms']} ms"
+            " (never started by diagnose)"
+        )
+    scheduler = work["scheduler"]
+    if scheduler is not None:
+        scheduler = f"{scheduler} every {work['scheduler_interval_ms']} ms"
+    return [
+        f"exec:               {exec_line}",
+        f"scheduler:          {scheduler or '-'}",
+        f"hooks:              {work['hooks'] or '-'}",
+    ]
+
+
 def format_report(report: dict[str, Any]) -> str:
     snapshot = report["snapshot"]
     daemon = snapshot["daemon"]
@@ -103,6 +152,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"renew failures:     {daemon['consecutive_renew_failures']}",
         f"last error:         {daemon['last_error'] or '-'}",
     ]
+    if "work" in report:
+        lines += ["", *_work_lines(report["work"])]
     if "control_api" in report:
         lines += format_endpoint_checks(report["control_api"])
     if report["warnings"]:

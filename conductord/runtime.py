@@ -21,11 +21,20 @@ Design (SPEC §5, §8):
   ignores instances (which answers such a call with `renew`).
 - A loop that raises is a bug: `link_exception` logs `conductor.crashed` and stops the daemon
   (exit 1) rather than leaving a node that looks alive but no longer renews.
-- Stop: scheduler off first, loops stopped, the lease released when held (404 tolerated), all
-  within request timeout + 1 s. The signal handler only sets an Event.
+- Leader-only work (SPEC §14) begins only after the start sequence (`begin_work`, after
+  `conductor.started` in the daemon) and never in a one-shot run: the `--scheduler` plug-in in
+  a greenlet of its own, and the `--exec` command through `exec.ExecSupervisor`, which gets
+  `lead(...)` after every lease cycle that leaves this node leader with the scheduler enabled
+  and `lose(reason)` on every transition out of leader. A failure of the supervisor is a crash.
+- Stop: scheduler off first, the `--exec` group told to stop, loops stopped, the group waited
+  for until it is gone, then the lease released when held (404 tolerated), all within request
+  timeout + 1 s (+ the exec stop grace with `--exec`). A group that cannot be confirmed gone
+  keeps the lease unreleased (it expires; the guard's deadline kills the group before that)
+  and the exit is 1. The signal handler only sets an Event.
 
 Limits: hooks (`load_runs`, `reconcile_runs`, `on_lease_state_change`) run in the calling
-greenlet and must not block for long.
+greenlet and must not block for long; a scheduler pass runs in the daemon's hub too, so it must
+yield (gevent I/O) rather than compute for seconds. docs/embedding.md says what is safe where.
 """
 
 from __future__ import annotations
@@ -39,8 +48,8 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Final
 
 import gevent
 from gevent.event import Event
@@ -50,15 +59,18 @@ from conductord import endpoints, identity, logs, pacing
 from conductord.client import ControlApiClient, ControlApiError
 from conductord.clock import lease_clock
 from conductord.config import Config, config_warnings
+from conductord.exec import ExecSupervisor, disabled_snapshot
 from conductord.lease import (
     INFLIGHT_GRACE_S,
     STARTUP_CHECKLIST,
     LeaseMachine,
     LeaseState,
+    Reason,
     Transition,
     default_margin_s,
     startup_checklist,
 )
+from conductord.plugins import load_plugins
 from conductord.redact import clean
 from conductord.status import StatusServer, StatusServerError
 from conductord.wire import Heartbeat
@@ -73,13 +85,34 @@ FAILURE_REMINDER_S = 60.0
 # The deadline greenlet re-reads the lease clock at least this often while leader, so a
 # leader that wakes from system sleep steps down within this long of the wake.
 DEADLINE_POLL_S = 1.0
+# Why the --exec group is stopped (`ExecSupervisor.lose`), by the reason leadership ended.
+EXEC_LOSE_REASONS: Final = {
+    Reason.HELD_BY_OTHER: "leadership_lost",
+    Reason.RENEW_FAILURES: "leadership_lost",
+    Reason.IDENTITY_CONFLICT: "leadership_lost",
+    Reason.DEADLINE: "deadline",
+    Reason.LATE_GRANT: "deadline",
+    Reason.STOPPING: "stopping",
+}
 
 
 @dataclass(frozen=True)
 class SchedulerContext:
+    """What one scheduler pass gets: who leads, and the term as the fencing token (SPEC §5).
+
+    `still_leader()` re-reads the lease deadline on the lease clock (and applies a step-down
+    that is due): call it before each act that must not happen once leadership ended, and send
+    `term` with the act so the shared side can refuse a stale one; the check alone leaves the
+    gap between check and act. A context built by hand (no `leader_check`) is never leader.
+    """
+
     controller_id: str
     host: str
     term: int
+    leader_check: Callable[[], bool] | None = field(default=None, repr=False, compare=False)
+
+    def still_leader(self) -> bool:
+        return self.leader_check is not None and bool(self.leader_check())
 
 
 class _FailureStreak:
@@ -144,6 +177,7 @@ class Runtime:
         wall: Callable[[], float] = time.time,
         load_runs: Callable[[], str | None] | None = None,
         reconcile_runs: Callable[[], str | None] | None = None,
+        scheduler: Callable[[SchedulerContext], Any] | None = None,
         instance: identity.Instance | None = None,
         one_shot: bool = False,
     ) -> None:
@@ -170,9 +204,33 @@ class Runtime:
         self.steps: list[dict[str, Any]] = []
         self.crashed: BaseException | None = None
 
+        # Plug-ins named by the config (--scheduler, --hooks); arguments given here win.
+        plugins = load_plugins(config)
+        hooks = plugins.hooks
+        load_runs = load_runs or (hooks.load_runs if hooks else None)
+        reconcile_runs = reconcile_runs or (hooks.reconcile_runs if hooks else None)
         self._load_runs = load_runs or (lambda: count_runs(config.paths.runs_dir))
         self._reconcile_runs = reconcile_runs or (lambda: None)
         self._state_hooks: list[Callable[[dict[str, Any]], None]] = []
+        if hooks is not None and hooks.on_lease_state_change is not None:
+            self._state_hooks.append(hooks.on_lease_state_change)
+        self.scheduler = scheduler or plugins.scheduler
+
+        # --exec (SPEC §14): never in a one-shot run (`--run-once`, `diagnose`).
+        self.exec_supervisor: ExecSupervisor | None = None
+        if config.exec_argv and not one_shot:
+            if clock is not lease_clock:
+                raise ValueError("--exec needs the lease clock: its guard reads that clock")
+            self.exec_supervisor = ExecSupervisor(
+                config.exec_argv,
+                node_id=config.node_id,
+                host=config.host,
+                log=self.log,
+                token=config.shared_token,
+                every_ms=config.exec_every_ms,
+                stop_grace_ms=config.exec_stop_grace_ms,
+                on_crash=self.crash,
+            )
         self._rng = random.Random()
         self._group = Group()
         self._loops: dict[str, gevent.Greenlet] = {}
@@ -184,6 +242,10 @@ class Runtime:
         self._long_polled = False  # the last lease cycle asked the server to wait
         self._started = False
         self._stopped = False
+        self._working = False  # the leader-only work has begun (`begin_work`)
+        self._leading = Event()  # set while leader with the work begun; the scheduler waits on it
+        self._scheduler_loop: gevent.Greenlet | None = None
+        self._scheduler_overran = False
 
         # Read by the status endpoint (SPEC §8): loop progress and totals for /metrics.
         self.loop_progress: dict[str, float | None] = {"heartbeat": None, "lease": None}
@@ -211,19 +273,35 @@ class Runtime:
             self._apply(self.machine.tick(self.clock()))
 
     def run_scheduler_pass(self, work: Callable[[SchedulerContext], Any]) -> str:
-        """Run `work` only while this node may schedule; the term is its fencing token."""
-        self.refresh()
-        if not self.machine.scheduler_enabled(self.clock()):
+        """Run `work` only while this node may schedule; the term is its fencing token.
+
+        Returns "scheduled" or "skipped_not_leader"; what `work` raises propagates.
+        """
+        context = self._scheduler_context()
+        if context is None:
             return "skipped_not_leader"
-        assert self.machine.current_term is not None
-        work(
-            SchedulerContext(
-                controller_id=self.config.node_id,
-                host=self.config.host,
-                term=self.machine.current_term,
-            )
-        )
+        work(context)
         return "scheduled"
+
+    def still_leader(self, term: int) -> bool:
+        """True while this node may schedule under `term` (read on the lease clock now)."""
+        self.refresh()
+        m = self.machine
+        return m.scheduler_enabled(self.clock()) and m.current_term == term
+
+    def begin_work(self) -> None:
+        """Begin the leader-only work: the `--scheduler` greenlet, and the `--exec` command
+        while leader. `start()` calls it unless told not to (the daemon calls it after
+        `conductor.started`); idempotent; nothing happens without running loops or in a
+        one-shot run."""
+        if self._working or self._stopped or self.one_shot or not self._loops:
+            return
+        self._working = True
+        if self.scheduler is not None:
+            greenlet = self._group.spawn(self._run_scheduler)
+            greenlet.link_exception(self._on_loop_crash)
+            self._scheduler_loop = greenlet
+        self._lead_work()
 
     @property
     def stop_requested(self) -> Event:
@@ -260,12 +338,21 @@ class Runtime:
                 "started_at": int(self.started_at),
                 "instance_id": self.instance_id,
             },
+            "exec": (
+                self.exec_supervisor.snapshot()
+                if self.exec_supervisor is not None
+                else disabled_snapshot()
+            ),
             "startup_checklist": startup_checklist(),
             "warnings": list(self.warnings),
         }
 
-    def start(self, *, loops: bool = True) -> dict[str, Any]:
-        """Run the start sequence (SPEC §5) once; idempotent."""
+    def start(self, *, loops: bool = True, work: bool = True) -> dict[str, Any]:
+        """Run the start sequence (SPEC §5) once; idempotent.
+
+        With `loops`, the heartbeat and lease loops keep running afterwards; with `work` too,
+        the leader-only work begins at once (`begin_work`).
+        """
         if self._started or self._stopped:
             return self.snapshot()
         steps = dict(STARTUP_CHECKLIST)
@@ -290,6 +377,8 @@ class Runtime:
         step("start-heartbeat-loop", lambda: self._start_loops() if loops else ("skipped", None))
         step("start-scheduler", self._scheduler_step)
         self._started = True
+        if loops and work:
+            self.begin_work()
         return self.snapshot()
 
     def stop(self) -> dict[str, Any]:
@@ -299,6 +388,10 @@ class Runtime:
         self._stopped = True
         began = self.clock()
         self.machine.begin_stop()
+        self._leading.clear()
+        if self.exec_supervisor is not None:
+            # SIGTERM to the --exec group as the stop begins; `_stop_exec` waits for it.
+            self._exec_call(self.exec_supervisor.lose, "stopping")
         self.log.info("conductor.stopping", snapshot=self.snapshot())
         self._stop_requested.set()
 
@@ -306,10 +399,13 @@ class Runtime:
         # server processes it after our release, it grants this stopped node term + 1 and
         # failover waits one TTL. Never two schedulers: this node schedules nothing more.
         live = [g for g in self._loops.values() if not g.dead]
+        if self._scheduler_loop is not None and not self._scheduler_loop.dead:
+            live.append(self._scheduler_loop)  # a pass under way may finish within the grace
         gevent.joinall(live, timeout=INFLIGHT_GRACE_S)
         self._group.kill(block=True, timeout=1.0)
         if self._deadline_timer is not None:
             self._deadline_timer.kill(block=False)
+        group_gone = self._stop_exec()
 
         released: dict[str, Any] | None = None
         term = self.machine.held_term
@@ -318,8 +414,13 @@ class Runtime:
             # daemon's, under a server that ignores instances). Never end it.
             self.log.info("lease.release_skipped", term=term, reason="not_granted_to_this_run")
             term = None
+        if term is not None and not group_gone:
+            # Releasing now could start another node's copy beside ours: let the lease
+            # expire instead (the guard kills the group before it can).
+            self.log.error("lease.release_skipped", term=term, reason="exec_group_not_gone")
+            term = None
         if term is not None:
-            budget = self.config.request_timeout_ms / 1000.0 + 1.0 - (self.clock() - began) - 0.1
+            budget = self._stop_budget_s() - (self.clock() - began) - 0.1
             released = self._release(term, max(budget, 0.1))
         self._apply(self.machine.stopped())
         if released is not None:
@@ -426,6 +527,7 @@ class Runtime:
         else:
             self._conflict_logged = None
         self._arm_deadline()
+        self._lead_work()
         return None
 
     def _log_identity_conflict(self, result: Any) -> None:
@@ -464,6 +566,108 @@ class Runtime:
             wait_ms=wait_ms,
             instance_id=self.instance_id,
         )
+
+    # -- leader-only work (SPEC §14) ------------------------------------------
+
+    def _scheduler_context(self) -> SchedulerContext | None:
+        """The context of a pass that may run now, or None when this node may not schedule."""
+        self.refresh()
+        m = self.machine
+        if not m.scheduler_enabled(self.clock()):
+            return None
+        assert m.current_term is not None
+        term = m.current_term
+        return SchedulerContext(
+            controller_id=self.config.node_id,
+            host=self.config.host,
+            term=term,
+            leader_check=lambda: self.still_leader(term),
+        )
+
+    def _lead_work(self) -> None:
+        """After a lease cycle: while leader, hand the work the lease and its deadlines."""
+        m = self.machine
+        if not self._working or not m.scheduler_enabled(self.clock()):
+            return
+        self._leading.set()
+        if self.exec_supervisor is not None:
+            assert m.current_term is not None and m.valid_until is not None
+            # valid_until = send time + TTL - margin; the lease itself ends a margin later.
+            self._exec_call(
+                self.exec_supervisor.lead, m.current_term, m.valid_until, m.valid_until + m.margin_s
+            )
+
+    def _exec_call(self, action: Callable[..., Any], *args: Any) -> None:
+        """Call the exec supervisor; its failure is a crash (the stop then ends the group)."""
+        try:
+            action(*args)
+        except Exception as exc:
+            self.crash(exc)
+
+    def _stop_exec(self) -> bool:
+        """Wait until the --exec group is gone (True), or report that it may not be."""
+        sup = self.exec_supervisor
+        if sup is None:
+            return True
+        try:
+            gone = sup.stop()
+        except Exception as exc:
+            self.crash(exc)
+            gone = False
+        if not gone:
+            self.log.error(
+                "exec.stop_failed",
+                pid=sup.snapshot()["pid"],
+                message="the --exec process group could not be confirmed gone",
+            )
+            if self.crashed is None:
+                self.crashed = RuntimeError("the --exec process group could not be confirmed gone")
+        return gone
+
+    def _stop_budget_s(self) -> float:
+        """SPEC §5: request timeout + 1 s, and with --exec the stop grace on top (§14)."""
+        budget = self.config.request_timeout_ms / 1000.0 + 1.0
+        if self.exec_supervisor is not None:
+            budget += self.config.exec_stop_grace_ms / 1000.0
+        return budget
+
+    def _run_scheduler(self) -> None:
+        """The --scheduler greenlet: a pass every interval (start to start) while leader.
+
+        One greenlet, so a pass never starts while the previous one runs; a pass that takes
+        longer than the interval is followed by the next at once (`scheduler.overran`).
+        """
+        interval_s = self.config.scheduler_interval_ms / 1000.0
+        while not self._stop_requested.is_set():
+            if not self._leading.is_set():
+                gevent.wait([self._leading, self._stop_requested], count=1)
+                continue
+            began = self.clock()
+            self._scheduler_pass()
+            elapsed = self.clock() - began
+            overran = elapsed > interval_s
+            if overran and not self._scheduler_overran:
+                self.log.warning(
+                    "scheduler.overran",
+                    seconds=round(elapsed, 3),
+                    interval_ms=self.config.scheduler_interval_ms,
+                )
+            self._scheduler_overran = overran
+            if self._stop_requested.wait(max(interval_s - elapsed, 0.0)):
+                return
+
+    def _scheduler_pass(self) -> None:
+        assert self.scheduler is not None
+        context = self._scheduler_context()
+        if context is None:
+            self._leading.clear()  # stepped down since the last cycle; wait for the next grant
+            return
+        try:
+            self.scheduler(context)
+        except (Exception, SystemExit) as exc:  # the plug-in's failure, not the daemon's
+            self.log.error(
+                "scheduler.failed", term=context.term, error=f"{type(exc).__name__}: {exc}"
+            )
 
     # -- machinery -------------------------------------------------------------
 
@@ -562,6 +766,11 @@ class Runtime:
     def _apply(self, transition: Transition | None) -> None:
         if transition is None:
             return
+        if transition.from_state is LeaseState.LEADER:  # a transition always changes the state
+            self._leading.clear()
+            if self.exec_supervisor is not None and not self.machine.stopping:  # stop told it
+                reason = EXEC_LOSE_REASONS.get(transition.reason, "leadership_lost")
+                self._exec_call(self.exec_supervisor.lose, reason)
         self.transitions_total[(str(transition.from_state), str(transition.to_state))] += 1
         snapshot = self.snapshot()
         level = "warning" if transition.to_state is LeaseState.DEGRADED else "info"
@@ -664,7 +873,7 @@ def _serve(runtime: Runtime, *, run_once: bool) -> int:
     log.info("conductor.starting", snapshot=runtime.snapshot())
     document: dict[str, Any] | None = None
     try:
-        starter = gevent.spawn(runtime.start, loops=not run_once)
+        starter = gevent.spawn(runtime.start, loops=not run_once, work=False)
         gevent.wait([starter, runtime.stop_requested], count=1)
         if not starter.dead:  # a signal arrived during the start sequence
             starter.kill(block=True, timeout=1.0)
@@ -672,6 +881,8 @@ def _serve(runtime: Runtime, *, run_once: bool) -> int:
             runtime.crash(starter.exception)
         else:
             log.info("conductor.started", snapshot=runtime.snapshot())
+            if not run_once:
+                runtime.begin_work()  # the start-time leader's work begins only now (§14)
         if run_once:
             document = runtime.snapshot()  # the state the node reached, before stopping
         else:

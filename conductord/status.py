@@ -40,6 +40,7 @@ from prometheus_client.registry import Collector
 
 from conductord import __version__, httpserver
 from conductord.config import SETTINGS_BY_NAME
+from conductord.exec import EXIT_REASONS as EXEC_EXIT_REASONS
 from conductord.lease import JITTER, LeaseState
 from conductord.redact import clean
 
@@ -214,6 +215,31 @@ class RuntimeCollector(Collector):
         for (from_state, to_state), count in sorted(rt.transitions_total.items()):
             transitions.add_metric([from_state, to_state], count)
         yield transitions
+        yield from _exec_metrics(getattr(rt, "exec_supervisor", None))
+
+
+def _exec_metrics(sup: Any) -> Iterable[Metric]:
+    """The --exec metrics (SPEC §14); zero without --exec, so every node exports them."""
+    yield _gauge(
+        "conductord_exec_running",
+        "1 while this node's --exec command runs",
+        sup is not None and sup.running,
+    )
+    yield CounterMetricFamily(
+        "conductord_exec_starts",
+        "--exec command runs started",
+        value=sup.starts_total if sup is not None else 0,
+    )
+    exits = CounterMetricFamily(
+        "conductord_exec_exits",
+        "--exec command runs ended, by reason (exited on its own, leadership_lost, stopping,"
+        " deadline)",
+        labels=["reason"],
+    )
+    counts = sup.exits_total if sup is not None else {}
+    for reason in EXEC_EXIT_REASONS:
+        exits.add_metric([reason], counts.get(reason, 0))
+    yield exits
 
 
 def _gauge(name: str, documentation: str, value: float | bool | None) -> GaugeMetricFamily:
@@ -329,7 +355,8 @@ def make_app(runtime: Any) -> WsgiApp:
     `runtime` needs: `snapshot()`, `config`, `machine`, `clock()`, `loop_progress`,
     `stop_requested` (an Event), `transitions_total`, `renew_failures_total`,
     `heartbeat_failures_total`, `last_renew_at`, `log`, `client.call_counts()`, and optionally
-    `refresh()` (called before each answer).
+    `refresh()` (called before each answer) and `exec_supervisor` (`running`, `starts_total`,
+    `exits_total`; None without --exec).
     """
     return _App(runtime)
 

@@ -39,11 +39,11 @@ from typing import Any
 
 import pytest
 import requests
-from supervisor.datatypes import RestartUnconditionally
+from supervisor.datatypes import RestartUnconditionally, dict_of_key_value_pairs
 from supervisor.options import ServerOptions
 from supervisor.xmlrpc import SupervisorTransport
 
-from conductord.config import SETTINGS, config_warnings, resolve_config
+from conductord.config import SETTINGS, config_warnings, default_of, resolve_config
 from tests.support.control_api import ControlApiProcess, clean_env
 
 OPS = Path(__file__).resolve().parent.parent / "ops"
@@ -100,9 +100,13 @@ LIVE_ENV = {
 }
 
 
-def stop_budget_s(request_timeout_ms: str | int) -> float:
-    """SPEC §5: SIGTERM to exit within request timeout + 1 s."""
-    return int(request_timeout_ms) / 1000 + 1
+def stop_budget_s(request_timeout_ms: str | int, exec_stop_grace_ms: str | int = 0) -> float:
+    """SPEC §5: SIGTERM to exit within request timeout + 1 s (+ the exec stop grace, §14)."""
+    return int(request_timeout_ms) / 1000 + 1 + int(exec_stop_grace_ms) / 1000
+
+
+# What the ops files must cover once an operator adds --exec with its default grace.
+DEFAULT_EXEC_GRACE_MS = default_of("exec_stop_grace_ms")
 
 
 def seconds(timestamp: str) -> float:
@@ -193,7 +197,9 @@ def test_plist_parses_and_has_the_launchd_keys():
     assert plist["RunAtLoad"] is True
     assert plist["KeepAlive"] is True
     assert isinstance(plist["ThrottleInterval"], int) and plist["ThrottleInterval"] >= 1
-    assert plist["ExitTimeOut"] > stop_budget_s(env["BAA_CONDUCTOR_REQUEST_TIMEOUT_MS"])
+    assert plist["ExitTimeOut"] > stop_budget_s(
+        env["BAA_CONDUCTOR_REQUEST_TIMEOUT_MS"], DEFAULT_EXEC_GRACE_MS
+    )
     assert set(env) >= NEEDED_SETTINGS, NEEDED_SETTINGS - set(env)
     assert set(env) <= KNOWN_VARIABLES, set(env) - KNOWN_VARIABLES
     assert "BAA_SHARED_TOKEN" not in env  # the token comes from BAA_SHARED_TOKEN_FILE only
@@ -298,7 +304,9 @@ def test_supervisor_builds_the_shipped_programs(tmp_path):
     node = programs.node
 
     assert node.stopsignal == signal.SIGTERM
-    assert node.stopwaitsecs > stop_budget_s(node.environment["BAA_CONDUCTOR_REQUEST_TIMEOUT_MS"])
+    assert node.stopwaitsecs > stop_budget_s(
+        node.environment["BAA_CONDUCTOR_REQUEST_TIMEOUT_MS"], DEFAULT_EXEC_GRACE_MS
+    )
     assert node.autorestart is RestartUnconditionally
     assert node.startsecs >= 1
     assert node.redirect_stderr is False
@@ -332,6 +340,47 @@ def test_shipped_environment_is_a_valid_config_without_warnings(tmp_path, source
 
     assert config.has_shared_token
     assert config_warnings(config) == []
+
+
+def exec_examples(source: str) -> list[dict[str, str]]:
+    """The commented `--exec` examples of a shipped file, one dict per example: each
+    BAA_CONDUCTOR_EXEC starts one; the settings after it (every-ms, grace) belong to it."""
+    if source == "launchd":
+        text = PLIST.read_text()
+        pairs = re.findall(r"<key>(BAA_CONDUCTOR_EXEC\w*)</key>\s*<string>([^<]*)</string>", text)
+        assert load_plist()["EnvironmentVariables"].keys().isdisjoint(k for k, _ in pairs)
+    else:
+        lines = re.findall(r'(?m)^;\s+(BAA_CONDUCTOR_EXEC\w*=".*)$', SUPERVISOR_CONF.read_text())
+        pairs = [pair for line in lines for pair in dict_of_key_value_pairs(line).items()]
+    examples: list[dict[str, str]] = []
+    for key, value in pairs:
+        if key == "BAA_CONDUCTOR_EXEC":
+            examples.append({})
+        examples[-1][key] = value
+    return examples
+
+
+@pytest.mark.parametrize("source", ["launchd", "supervisord"])
+def test_the_commented_exec_examples_are_valid_with_the_shipped_timing(tmp_path, source):
+    token = tmp_path / "token"
+    token.write_text("a-real-token-0123456789\n")
+    token.chmod(0o600)
+    if source == "launchd":
+        env = dict(load_plist()["EnvironmentVariables"])
+    else:
+        env = dict(supervisor_programs(localized_conf(tmp_path, {})).node.environment)
+    env["BAA_SHARED_TOKEN_FILE"] = str(token)
+    examples = exec_examples(source)
+    assert len(examples) == 2  # a singleton worker and a periodic job
+    configs = [resolve_config({}, {**env, **example}) for example in examples]
+    worker, periodic = configs
+    assert worker.exec_argv == ("/usr/local/bin/queue-worker", "billing")
+    assert worker.exec_every_ms is None
+    assert periodic.exec_argv == ("/usr/local/bin/nightly-report", "hourly")
+    assert periodic.exec_every_ms == 60000
+    assert periodic.exec_stop_grace_ms == DEFAULT_EXEC_GRACE_MS
+    for config in configs:
+        assert config_warnings(config) == []
 
 
 def test_the_shipper_tails_the_file_supervisord_and_launchd_write():

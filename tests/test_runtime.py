@@ -6,8 +6,10 @@ blocks the hub. The real client and signals are covered by tests/test_daemon.py.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+import gevent
 import pytest
 
 from conductord.config import Config
@@ -212,3 +214,193 @@ def test_an_unreadable_runs_dir_is_reported_not_fatal(tmp_path):
     assert count_runs(str(not_a_dir)).startswith(f"cannot read {not_a_dir}:")
     assert count_runs(str(tmp_path / "missing")) == f"{tmp_path / 'missing'} does not exist"
     assert count_runs(None) == "runs_dir not configured"
+
+
+# -- leader-only work: the exec supervisor's calls and the scheduler greenlet (SPEC §14) ---------
+# A real ExecSupervisor never runs in the pytest process (gevent's SIGCHLD handling would reap
+# other tests' children): tests/test_exec_daemon.py runs it in real daemons. Here a recorder
+# stands in for it, sharing one timeline with the client.
+
+
+class TimelineClient(FakeClient):
+    def __init__(self, timeline: list[tuple[Any, ...]]) -> None:
+        super().__init__()
+        self.timeline = timeline
+        self.acquire_error: ControlApiError | None = None
+
+    def acquire_leader_lease(self, **body: Any) -> AcquireResult:
+        if self.acquire_error is not None:
+            raise self.acquire_error
+        return super().acquire_leader_lease(**body)
+
+    def release_leader_lease(self, **kwargs: Any) -> ReleaseResult:
+        self.timeline.append(("release", kwargs["term"]))
+        return super().release_leader_lease(**kwargs)
+
+
+class RecordingSupervisor:
+    """What the runtime calls of `exec.ExecSupervisor`, recorded."""
+
+    running = False
+    starts_total = 0
+
+    def __init__(self, timeline: list[tuple[Any, ...]], *, gone: bool = True) -> None:
+        self.timeline = timeline
+        self.gone = gone
+        self.exits_total: dict[str, int] = {}
+
+    def lead(self, term: int, valid_until: float, lease_end: float) -> None:
+        self.timeline.append(("lead", term, valid_until, lease_end))
+
+    def lose(self, reason: str) -> None:
+        self.timeline.append(("lose", reason))
+
+    def stop(self, timeout: float | None = None) -> bool:
+        self.timeline.append(("stop",))
+        return self.gone
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "command": "job",
+            "running": False,
+            "pid": None,
+            "term": None,
+            "runs": 0,
+            "last_exit_code": None,
+        }
+
+
+def wait_for(predicate: Any, timeout: float = 5.0) -> None:
+    """Yield to the hub until `predicate()` holds (the loops run at 20 ms here)."""
+    gevent.with_timeout(timeout, lambda: _spin(predicate))
+
+
+def _spin(predicate: Any) -> None:
+    while not predicate():
+        gevent.sleep(0.005)
+
+
+def with_supervisor(*, gone: bool = True) -> tuple[Runtime, TimelineClient, Any, list, Any]:
+    timeline: list[tuple[Any, ...]] = []
+    client, log = TimelineClient(timeline), RecordingLog()
+    runtime = make_runtime(client, log)
+    sup = RecordingSupervisor(timeline, gone=gone)
+    runtime.exec_supervisor = sup  # type: ignore[assignment]
+    return runtime, client, log, timeline, sup
+
+
+def test_exec_is_led_only_once_the_work_began_and_after_every_renewal_then_lost_with_a_reason():
+    runtime, client, _, timeline, _ = with_supervisor()
+    runtime.start(work=False)
+    wait_for(lambda: client.heartbeats > 2)
+    assert timeline == []  # the daemon begins the work after conductor.started
+    runtime.begin_work()
+    assert timeline[0][:2] == ("lead", 4)  # the start-time leader at once
+    wait_for(lambda: len(timeline) >= 4)
+    leads = [call for call in timeline if call[0] == "lead"]
+    margin = runtime.machine.margin_s
+    for _, term, valid_until, lease_end in leads:
+        assert term == 4 and lease_end == pytest.approx(valid_until + margin)
+    assert [call[2] for call in leads] == sorted(call[2] for call in leads)  # moved forward
+
+    client.holder = "someone-else"
+    wait_for(lambda: ("lose", "leadership_lost") in timeline)
+    mark = len(timeline)
+    wait_for(lambda: client.heartbeats > 8)
+    assert all(call[0] != "lead" for call in timeline[mark:])  # never while standby
+    runtime.stop()
+    assert snapshot_exec(runtime)["command"] == "job"
+
+
+def snapshot_exec(runtime: Runtime) -> dict[str, Any]:
+    return runtime.snapshot()["exec"]
+
+
+def test_the_failure_threshold_ends_exec_as_leadership_lost():
+    runtime, client, _, timeline, _ = with_supervisor()
+    runtime.start()
+    wait_for(lambda: any(call[0] == "lead" for call in timeline))
+    client.acquire_error = ControlApiError("Control API /v1/leader/acquire: boom", path="/x")
+    wait_for(lambda: runtime.machine.state == "degraded")
+    assert ("lose", "leadership_lost") in timeline
+    runtime.stop()
+
+
+def test_stop_tells_exec_first_waits_for_the_group_and_only_then_releases():
+    runtime, _, log, timeline, _ = with_supervisor()
+    runtime.start()
+    wait_for(lambda: any(call[0] == "lead" for call in timeline))
+    runtime.stop()
+    tail = [call for call in timeline if call[0] != "lead"]
+    assert tail == [("lose", "stopping"), ("stop",), ("release", 4)]
+    events = log.events()
+    assert events.index("conductor.stopping") < events.index("lease.released")
+    assert runtime.crashed is None
+
+
+def test_a_group_not_confirmed_gone_keeps_the_lease_and_fails_the_stop():
+    runtime, client, log, timeline, _ = with_supervisor(gone=False)
+    runtime.start()
+    wait_for(lambda: any(call[0] == "lead" for call in timeline))
+    runtime.stop()
+    assert client.releases == []  # the lease expires instead; the guard's deadline is earlier
+    assert ("error", "exec.stop_failed") in [(level, event) for level, event, _ in log.lines]
+    skipped = next(f for _, e, f in log.lines if e == "lease.release_skipped")
+    assert skipped["reason"] == "exec_group_not_gone"
+    assert runtime.crashed is not None  # exit 1
+
+
+def test_a_failing_supervisor_call_is_a_crash():
+    runtime, _, log, _, sup = with_supervisor()
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("supervisor bug")
+
+    sup.lead = broken  # type: ignore[method-assign]
+    runtime.start()
+    assert runtime.stop_requested.wait(timeout=5)
+    assert isinstance(runtime.crashed, RuntimeError)
+    assert "conductor.crashed" in log.events()
+    runtime.stop()
+
+
+def test_the_scheduler_greenlet_runs_one_pass_at_a_time_while_leader_and_survives_a_failure():
+    client, log = FakeClient(), RecordingLog()
+    config = dataclasses.replace(make_runtime(client, log).config, scheduler_interval_ms=10)
+    passes: list[tuple[float, float, int, bool]] = []
+    running = [0]
+
+    def work(ctx: SchedulerContext) -> None:
+        running[0] += 1
+        assert running[0] == 1, "two passes at once"
+        began = gevent.get_hub().loop.now()
+        try:
+            if len(passes) == 1:
+                raise ValueError("plug-in bug")
+            gevent.sleep(0.015 if len(passes) == 2 else 0)  # pass 3 overruns its 10 ms
+        finally:
+            passes.append((began, gevent.get_hub().loop.now(), ctx.term, ctx.still_leader()))
+            running[0] -= 1
+
+    runtime = Runtime(config, client=client, log=log, scheduler=work)
+    runtime.start()
+    wait_for(lambda: len(passes) >= 6)
+    assert {(term, leader) for _, _, term, leader in passes} == {(4, True)}
+    failed = [f for _, e, f in log.lines if e == "scheduler.failed"]
+    assert failed == [{"term": 4, "error": "ValueError: plug-in bug"}]  # and never two at once
+    assert "scheduler.overran" in log.events()
+
+    client.holder = "someone-else"
+    wait_for(lambda: runtime.machine.state == "standby")
+    count = len(passes)
+    wait_for(lambda: client.heartbeats > 15)
+    assert len(passes) <= count + 1  # at most the pass that was already under way
+    assert runtime.run_scheduler_pass(lambda ctx: pytest.fail("not leader")) == (
+        "skipped_not_leader"
+    )
+    runtime.stop()
+    assert runtime.crashed is None
+
+
+def test_a_hand_made_context_is_never_leader():
+    assert SchedulerContext(controller_id="n1", host="h", term=1).still_leader() is False

@@ -465,6 +465,38 @@ def test_metrics_read_the_runtime_at_scrape_time(
     }
 
 
+class FakeExec:
+    """The counters `ExecSupervisor` exposes (a real one never runs in this process)."""
+
+    def __init__(self) -> None:
+        self.running = False
+        self.starts_total = 0
+        self.exits_total: Counter[str] = Counter(
+            dict.fromkeys(("exited", "leadership_lost", "stopping", "deadline"), 0)
+        )
+
+
+def test_exec_metrics_are_zero_without_exec_and_read_the_supervisor_with_it(
+    runtime: FakeRuntime, server: StatusServer
+) -> None:
+    reasons = ("deadline", "exited", "leadership_lost", "stopping")
+    without = scrape(server.url)
+    assert without["conductord_exec_running"] == {(): 0.0}
+    assert without["conductord_exec_starts_total"] == {(): 0.0}
+    assert without["conductord_exec_exits_total"] == {(("reason", r),): 0.0 for r in reasons}
+
+    sup = FakeExec()
+    runtime.exec_supervisor = sup  # type: ignore[attr-defined]
+    sup.running, sup.starts_total = True, 3
+    sup.exits_total.update({"exited": 1, "leadership_lost": 1})
+    running = scrape(server.url)
+    assert running["conductord_exec_running"] == {(): 1.0}
+    assert running["conductord_exec_starts_total"] == {(): 3.0}
+    assert running["conductord_exec_exits_total"][(("reason", "exited"),)] == 1.0
+    assert running["conductord_exec_exits_total"][(("reason", "leadership_lost"),)] == 1.0
+    assert running["conductord_exec_exits_total"][(("reason", "deadline"),)] == 0.0
+
+
 def test_metrics_offer_openmetrics_when_asked(server: StatusServer) -> None:
     response = http(
         "GET", server.url + "/metrics", headers={"accept": "application/openmetrics-text"}

@@ -42,8 +42,10 @@ class DaemonProcess:
         *,
         env: dict[str, str] | None = None,
         command: str = "start",
+        program: list[str] | None = None,
     ) -> None:
-        self.argv = [sys.executable, "-m", "conductord", command, *args]
+        # `program` replaces `python -m conductord COMMAND` (e.g. an embedding example).
+        self.argv = [*(program or [sys.executable, "-m", "conductord", command]), *args]
         self.events: list[Event] = []
         self.non_json_lines: list[str] = []
         self._cond = threading.Condition()
