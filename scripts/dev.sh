@@ -37,7 +37,7 @@ run_pytest() {
 # slow end-to-end files (daemon, fleets, benchmarks, ops) run once, on current versions, in
 # `test`: twice would take CI past six minutes.
 LOWEST_TESTS=(
-    tests/test_lease.py tests/test_runtime.py tests/test_sim.py tests/test_control_api_rules.py
+    tests/test_lease.py tests/test_runtime.py tests/test_control_api_rules.py
     tests/test_control_api_store.py tests/test_store_contract.py tests/test_plugins.py
     tests/test_client.py tests/test_wire.py tests/test_config.py tests/test_cli.py
     tests/test_status.py tests/test_status_command.py tests/test_control_api_http.py

@@ -62,11 +62,11 @@ def leftover_processes(tmp_path: Path) -> list[int]:
 
 def test_failover_reports_polling_and_long_poll_side_by_side(tmp_path: Path) -> None:
     result = run_bench(
-        "failover.py", ["--trials", "2", "--nodes", "2", "--seed", "1"], tmp_path, timeout=150
+        "failover.py", ["--trials", "1", "--nodes", "2", "--seed", "1"], tmp_path, timeout=150
     )
     assert result["bench"] == "failover"
     assert result["mode"] == "both"  # the default
-    assert (result["nodes"], result["trials"]) == (2, 2)
+    assert (result["nodes"], result["trials"]) == (2, 1)
     assert (result["ttl_sec"], result["renew_ms"]) == (2, 250)
     ttl = result["ttl_sec"]
     modes = result["modes"]
@@ -91,8 +91,8 @@ def test_failover_reports_polling_and_long_poll_side_by_side(tmp_path: Path) -> 
         assert run["targets"] == expected_targets[mode]
         for kind, unit in (("crash", "ttl"), ("graceful", "renew")):
             figures = run[kind]
-            assert figures["trials"] == 2
-            assert figures["takeovers"] == 2, (mode, figures)
+            assert figures["trials"] == 1
+            assert figures["takeovers"] == 1, (mode, figures)
             assert figures["no_takeover_trials"] == []
             assert figures["bad_exit_codes"] == []
             # Long-poll: every standby was parked on the server before each signal, so the
@@ -111,7 +111,7 @@ def test_failover_reports_polling_and_long_poll_side_by_side(tmp_path: Path) -> 
         assert run["no_takeover_trials"] == 0
         assert run["overlap_ms"] == 0
         assert run["overlap_episodes"] == 0
-        assert run["leader_intervals"] >= 5  # the first leader plus one per trial
+        assert run["leader_intervals"] >= 3  # the first leader plus one per trial
         assert run["non_json_stdout_lines"] == 0
         if run["status_endpoint"] == "ok":
             assert run["status_polls_ok"] > 0
