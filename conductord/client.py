@@ -297,6 +297,7 @@ class ControlApiClient:
         metadata_json: str | None = None,
         wait_ms: int | None = None,
         instance_id: str | None = None,
+        one_shot: bool | None = None,
     ) -> AcquireResult:
         """Acquire or renew the lease; `wait_ms` > 0 long-polls (§12) and extends the budget.
 
@@ -317,6 +318,7 @@ class ControlApiClient:
                 "now": now,
                 "wait_ms": wait or None,
                 "instance_id": instance_id,
+                "one_shot": one_shot or None,
             },
         )
         data = self._post(ACQUIRE_PATH, body, extra_ms=wait)
@@ -325,13 +327,23 @@ class ControlApiClient:
         )
 
     def release_leader_lease(
-        self, *, controller_id: str, term: int, instance_id: str | None = None
+        self,
+        *,
+        controller_id: str,
+        term: int,
+        instance_id: str | None = None,
+        one_shot: bool | None = None,
     ) -> ReleaseResult:
         """Give the lease up; a server without this endpoint (404) yields supported=False."""
         body = self._body(
             RELEASE_PATH,
             _RELEASE_SCHEMA,
-            {"controller_id": controller_id, "term": term, "instance_id": instance_id},
+            {
+                "controller_id": controller_id,
+                "term": term,
+                "instance_id": instance_id,
+                "one_shot": one_shot or None,
+            },
         )
         try:
             data = self._post(RELEASE_PATH, body)

@@ -475,6 +475,7 @@ class Runtime:
                     heartbeat_at=int(self.wall()),
                     started_at=int(self.started_at),
                     instance_id=self.instance_id,
+                    one_shot=self.one_shot or None,
                 )
             )
         except ControlApiError as exc:
@@ -565,6 +566,7 @@ class Runtime:
             now=int(self.wall()),
             wait_ms=wait_ms,
             instance_id=self.instance_id,
+            one_shot=self.one_shot or None,
         )
 
     # -- leader-only work (SPEC §14) ------------------------------------------
@@ -798,7 +800,10 @@ class Runtime:
                 ),
             ):
                 result = self.client.release_leader_lease(
-                    controller_id=self.config.node_id, term=term, instance_id=self.instance_id
+                    controller_id=self.config.node_id,
+                    term=term,
+                    instance_id=self.instance_id,
+                    one_shot=self.one_shot or None,
                 )
         except ControlApiError as exc:
             return {"released": False, "supported": None, "error": str(exc)}

@@ -112,6 +112,8 @@ class Heartbeat:
     heartbeat_at: int | None = None
     started_at: int | None = None
     instance_id: str | None = None  # the process instance (SPEC §15); absent from older nodes
+    # A one-shot run (diagnose, --run-once): the server answers without recording it.
+    one_shot: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -263,6 +265,7 @@ class HeartbeatRequestSchema(_WireSchema):
     heartbeat_at = _time()
     started_at = _time()
     instance_id = _text(MAX_INSTANCE_CHARS, blank=False)
+    one_shot = StrictBoolean()
 
     @post_load
     def _heartbeat(self, data: dict[str, Any], **kwargs: Any) -> Heartbeat:
@@ -286,12 +289,16 @@ class AcquireRequestSchema(_WireSchema):
     wait_ms = StrictInteger(validate=validate.Range(min=0, max=MAX_WAIT_MS))
     # The process instance of the controller (SPEC §15); absent from older nodes.
     instance_id = _text(MAX_INSTANCE_CHARS, blank=False)
+    # A one-shot run (diagnose, --run-once): decided as any request, never counted as a
+    # second process of its node id.
+    one_shot = StrictBoolean()
 
 
 class ReleaseRequestSchema(_WireSchema):
     controller_id = _text(MAX_ID_CHARS, blank=False, required=True)
     term = StrictInteger(required=True, validate=validate.Range(min=0, max=MAX_TERM))
     instance_id = _text(MAX_INSTANCE_CHARS, blank=False)
+    one_shot = StrictBoolean()
 
 
 def dump_request(schema: Schema, value: Any) -> dict[str, Any]:

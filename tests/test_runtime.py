@@ -68,7 +68,12 @@ class FakeClient:
         )
 
     def release_leader_lease(
-        self, *, controller_id: str, term: int, instance_id: str | None = None
+        self,
+        *,
+        controller_id: str,
+        term: int,
+        instance_id: str | None = None,
+        one_shot: bool | None = None,
     ) -> ReleaseResult:
         self.releases.append((controller_id, term))
         return ReleaseResult(released=True, supported=True, lease=None)

@@ -148,6 +148,21 @@ def test_diagnostics_with_the_leaders_config_never_end_its_lease(control_api, st
     assert became_leader(standby) == []
     assert lease_of(control_api)["lease"]["term"] == granted["term"]
     assert not any(s.enabled for s in poller.of("standby"))
+    # Refused as another instance of the leader's id, but a diagnostic is no duplicate id:
+    # nothing pages, nothing is recorded (it would fire ConductordDuplicateNodeId).
+    controllers = requests.get(
+        f"{control_api.url}/v1/controllers", headers=control_api.headers, timeout=5
+    ).json()["data"]["controllers"]
+    assert not any(c["duplicate"] for c in controllers), controllers
+    (row,) = [c for c in controllers if c["controller_id"] == "mini-main"]
+    assert row["status"] == "leader" and len(row["instances"]) == 1
+    history = requests.get(
+        f"{control_api.url}/v1/leader/history", headers=control_api.headers, timeout=5
+    ).json()["data"]["entries"]
+    assert [e["reason"] for e in history] == ["granted"]
+    metrics = requests.get(f"{control_api.url}/metrics", timeout=5).text
+    assert "conductord_control_api_instance_conflicts_total 0.0" in metrics
+    assert control_api.logs("lease.instance_conflict") == []
 
 
 def test_a_one_shot_run_reports_the_identity_conflict_and_stays_standby(control_api, stack):

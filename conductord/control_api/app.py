@@ -460,7 +460,15 @@ class ControlApiApp:
 
     def _heartbeat(self, request: Request) -> dict[str, Any]:
         heartbeat: wire.Heartbeat = self._load(request, self._heartbeat_schema)
-        row = self._store.heartbeat(heartbeat)
+        if heartbeat.one_shot:
+            # A diagnostic run: checked and answered, but not recorded, so it never stands in
+            # for its node's daemon nor shows as a second process of its node id.
+            now = self._store.now()
+            hb = dataclasses.asdict(heartbeat)
+            del hb["one_shot"]
+            row = ControllerRow(**hb, first_seen_at=now, last_seen_at=now)
+        else:
+            row = self._store.heartbeat(heartbeat)
         return controller_record(row, self._store.now(), DUPLICATE_WINDOW_S)
 
     def _acquire(self, request: Request) -> dict[str, Any]:
@@ -524,6 +532,7 @@ class ControlApiApp:
             metadata_json=body.get("metadata_json"),
             client_now=body.get("now"),
             instance_id=body.get("instance_id"),
+            one_shot=bool(body.get("one_shot")),
         )
         self.metrics.decided(decision, body.get("instance_id"))
         if decision.operation == "acquire":
@@ -537,10 +546,11 @@ class ControlApiApp:
             controller_id=body["controller_id"],
             term=body["term"],
             instance_id=body.get("instance_id"),
+            one_shot=bool(body.get("one_shot")),
         )
         self.metrics.decided(decision, body.get("instance_id"))
         if decision.conflict and decision.row is not None:
-            self._log_conflict(decision.row, body.get("instance_id"), "release", request)
+            self._log_conflict(decision, body.get("instance_id"), "release", request)
         if decision.released and decision.changed and decision.row is not None:
             self.waiters.wake(decision.row.lease_name)
             self._log.info(
@@ -617,9 +627,27 @@ class ControlApiApp:
     # -- logs ------------------------------------------------------------------------------
 
     def _log_conflict(
-        self, row: LeaseRow, instance_id: str | None, operation: str, request: Request
+        self,
+        decision: AcquireDecision | ReleaseDecision,
+        instance_id: str | None,
+        operation: str,
+        request: Request,
     ) -> None:
-        """`lease.instance_conflict`, at most once a minute per (controller, instance)."""
+        """`lease.instance_conflict`, at most once a minute per (controller, instance); a
+        one-shot diagnostic run refused the same way is only `lease.one_shot_refused` (debug):
+        it is no second process of the fleet."""
+        row = decision.row
+        assert row is not None
+        if not decision.duplicate_id:
+            self._log.debug(
+                "lease.one_shot_refused",
+                controller_id=row.holder_id,
+                instance_id=instance_id,
+                term=row.term,
+                operation=operation,
+                request_id=request.request_id,
+            )
+            return
         if not self._conflicts.allow((row.holder_id, instance_id)):
             return
         self._log.warning(
@@ -639,7 +667,7 @@ class ControlApiApp:
     ) -> None:
         row, previous = decision.row, decision.previous
         if decision.conflict:
-            self._log_conflict(row, instance_id, "acquire", request)
+            self._log_conflict(decision, instance_id, "acquire", request)
             return
         fields = {
             "holder_id": row.holder_id,

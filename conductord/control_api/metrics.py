@@ -127,7 +127,7 @@ class ControlApiMetrics(Collector):
         """One lease decision of this process (an acquire, a renewal, a release, a denial)."""
         entry = history_entry(decision, instance_id=instance_id, at=0.0)
         with self._lock:
-            if decision.conflict:
+            if decision.duplicate_id:  # a one-shot diagnostic run's refusal is none
                 self._conflicts += 1
             if entry is None or decision.row is None:
                 return

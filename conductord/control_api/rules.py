@@ -12,7 +12,9 @@ Rules:
 - the caller's controller id holds the live lease, but from another process instance (SPEC
   §15: a copied config, a cloned image, a second copy under one supervisor): `deny` with
   `conflict` set, so two processes with one id never both lead. A request or a row without an
-  instance id conflicts with nothing (older nodes);
+  instance id conflicts with nothing (older nodes). A one-shot run (`diagnose`, `--run-once`)
+  says so: it is refused the same, but its refusal is no duplicate id of the fleet
+  (`one_shot` on the decision: no history entry, no conflict count);
 - release by the holder of that exact term (and instance, when both are known) expires the
   lease at `now`; anyone else changes nothing. Release is idempotent, so a client may retry it
   after a lost answer.
@@ -95,6 +97,7 @@ class AcquireDecision:
     takeover: bool
     previous: LeaseRow | None
     conflict: bool = False
+    one_shot: bool = False  # asked by a one-shot run (diagnostics), not by a daemon
 
     @property
     def changed(self) -> bool:
@@ -102,10 +105,15 @@ class AcquireDecision:
         return self.row != self.previous
 
     @property
+    def duplicate_id(self) -> bool:
+        """A second live process of the holder's id: a conflict that was not a one-shot run."""
+        return self.conflict and not self.one_shot
+
+    @property
     def holder_change(self) -> HolderChange | None:
         """How the holder or term changed, for the lease history (SPEC §16); None if not."""
         if self.conflict:
-            return "instance_conflict"
+            return "instance_conflict" if self.duplicate_id else None
         if self.operation != "acquire":
             return None
         return "taken_over" if self.takeover else "granted"
@@ -119,10 +127,15 @@ class ReleaseDecision:
     released: bool
     previous: LeaseRow | None
     conflict: bool = False  # the holder's controller id asked, from another instance
+    one_shot: bool = False
 
     @property
     def changed(self) -> bool:
         return self.row != self.previous
+
+    @property
+    def duplicate_id(self) -> bool:
+        return self.conflict and not self.one_shot
 
 
 def _preferred_after(row: LeaseRow | None, controller_id: str, preferred: bool) -> str | None:
@@ -144,11 +157,13 @@ def decide_acquire(
     now: float,
     wall: float | None = None,
     instance_id: str | None = None,
+    one_shot: bool = False,
     lease_name: str = LEASE_NAME,
 ) -> AcquireDecision:
     """Decide an acquire request from `controller_id` (process `instance_id`, if known).
 
     `now` is the decision clock, `wall` the unix time stamped on the row (default `now`).
+    `one_shot` marks a diagnostic run's request: decided the same, reported differently.
     """
     if ttl_sec <= 0:
         raise ValueError("ttl_sec must be positive")
@@ -161,7 +176,9 @@ def decide_acquire(
         if row.holder_id == controller_id:
             if _other_instance(row.holder_instance_id, instance_id):
                 # The same id from another process: never two leaders. The row stays as it is.
-                return AcquireDecision(row, "deny", False, False, row, conflict=True)
+                return AcquireDecision(
+                    row, "deny", False, False, row, conflict=True, one_shot=one_shot
+                )
             renewed = replace(
                 row,
                 holder_host=host,
@@ -203,13 +220,14 @@ def decide_release(
     now: float,
     wall: float | None = None,
     instance_id: str | None = None,
+    one_shot: bool = False,
 ) -> ReleaseDecision:
     """Decide a release of `term` by `controller_id` (process `instance_id`, if known)."""
     if row is None or row.holder_id != controller_id or row.term != term:
         return ReleaseDecision(row, False, row)
     if _other_instance(row.holder_instance_id, instance_id):
         # Another process of this id may not end the holder's lease (SPEC §15).
-        return ReleaseDecision(row, False, row, conflict=True)
+        return ReleaseDecision(row, False, row, conflict=True, one_shot=one_shot)
     if row.released:
         return ReleaseDecision(row, True, row)  # idempotent: nothing to write
     wall = now if wall is None else wall

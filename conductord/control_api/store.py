@@ -404,6 +404,7 @@ class SqliteStore:
         metadata_json: str | None = None,
         client_now: float | None = None,
         instance_id: str | None = None,
+        one_shot: bool = False,
         lease_name: str = LEASE_NAME,
     ) -> AcquireDecision:
         def decide(row: LeaseRow | None) -> AcquireDecision:
@@ -418,6 +419,7 @@ class SqliteStore:
                 now=self._lease_clock(),
                 wall=self._clock(),
                 instance_id=instance_id,
+                one_shot=one_shot,
                 lease_name=lease_name,
             )
 
@@ -445,6 +447,7 @@ class SqliteStore:
         controller_id: str,
         term: int,
         instance_id: str | None = None,
+        one_shot: bool = False,
         lease_name: str = LEASE_NAME,
     ) -> ReleaseDecision:
         with self._immediate() as conn:
@@ -456,6 +459,7 @@ class SqliteStore:
                 now=self._lease_clock(),
                 wall=self._clock(),
                 instance_id=instance_id,
+                one_shot=one_shot,
             )
             if decision.changed and decision.row is not None:
                 self._write_lease(conn, decision.row, client_now=None)
@@ -529,7 +533,7 @@ class SqliteStore:
     # -- rows -----------------------------------------------------------------------------
 
     def _unrecorded_conflict(self, decision: AcquireDecision, instance_id: str | None) -> bool:
-        return decision.conflict and not self._conflicts.known(
+        return decision.duplicate_id and not self._conflicts.known(
             (decision.row.lease_name, decision.row.term, instance_id)
         )
 

@@ -139,8 +139,9 @@ def history_entry(
             return entry(reason, previous, row.holder_instance_id)
     elif decision.released and decision.changed:
         return entry("released", None, row.holder_instance_id)
-    # The holder's id asking from another process: the entry names the refused instance.
-    return entry("instance_conflict", None, instance_id) if decision.conflict else None
+    # The holder's id asking from another process: the entry names the refused instance. (A
+    # one-shot diagnostic run refused the same way is no duplicate id: no entry.)
+    return entry("instance_conflict", None, instance_id) if decision.duplicate_id else None
 
 
 def needs_previous(entry: HistoryEntry) -> bool:
@@ -190,10 +191,16 @@ class Store(Protocol):
         metadata_json: str | None = None,
         client_now: float | None = None,
         instance_id: str | None = None,
+        one_shot: bool = False,
     ) -> AcquireDecision: ...
 
     def release(
-        self, *, controller_id: str, term: int, instance_id: str | None = None
+        self,
+        *,
+        controller_id: str,
+        term: int,
+        instance_id: str | None = None,
+        one_shot: bool = False,
     ) -> ReleaseDecision: ...
 
     def heartbeat(self, heartbeat: Heartbeat) -> ControllerRow: ...

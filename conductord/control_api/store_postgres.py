@@ -448,6 +448,7 @@ class PostgresStore:
         metadata_json: str | None = None,
         client_now: float | None = None,
         instance_id: str | None = None,
+        one_shot: bool = False,
         lease_name: str = LEASE_NAME,
     ) -> AcquireDecision:
         with self._connection() as conn, conn.transaction():
@@ -469,6 +470,7 @@ class PostgresStore:
                 now=decided_at,
                 wall=wall,
                 instance_id=instance_id,
+                one_shot=one_shot,
                 lease_name=lease_name,
             )
             if decision.changed:
@@ -488,6 +490,7 @@ class PostgresStore:
         controller_id: str,
         term: int,
         instance_id: str | None = None,
+        one_shot: bool = False,
         lease_name: str = LEASE_NAME,
     ) -> ReleaseDecision:
         with self._connection() as conn, conn.transaction():
@@ -501,6 +504,7 @@ class PostgresStore:
                 now=decided_at,
                 wall=wall,
                 instance_id=instance_id,
+                one_shot=one_shot,
             )
             if decision.changed and decision.row is not None:
                 self._write_lease(conn, decision.row, decided_at, "change", client_now=None)
