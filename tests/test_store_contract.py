@@ -589,3 +589,22 @@ def test_postgres_preference_writes_do_not_keep_a_dead_lease_alive(pg_dsn):
     finally:
         a.close()
         b.close()
+
+
+def test_postgres_decides_a_denial_without_the_row_lock(pg_dsn):
+    import psycopg
+
+    from conductord.control_api.store_postgres import PostgresStore
+
+    store = PostgresStore(pg_dsn, min_size=1, max_size=2)
+    try:
+        assert acquire(store, "leader", ttl=30).operation == "acquire"
+        with psycopg.connect(pg_dsn) as locker:  # another process holds the lease row lock
+            locker.execute("SELECT 1 FROM leases FOR UPDATE")
+            began = time.monotonic()
+            assert acquire(store, "standby").operation == "deny"
+            assert time.monotonic() - began < 1.0  # answered from a read, not queued
+            locker.rollback()
+        assert acquire(store, "leader").operation == "renew"  # a change still takes the lock
+    finally:
+        store.close()

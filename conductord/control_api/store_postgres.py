@@ -206,7 +206,8 @@ _CONTROLLER_COLUMNS = (
     "controller_id, host, role, priority, status, version, heartbeat_at, started_at, "
     "first_seen_at, last_seen_at, instance_id"
 )
-_LOCK_LEASE = f"SELECT {_LEASE_COLUMNS} FROM leases WHERE lease_name = %s FOR UPDATE"
+_READ_LEASE = f"SELECT {_LEASE_COLUMNS} FROM leases WHERE lease_name = %s"
+_LOCK_LEASE = f"{_READ_LEASE} FOR UPDATE"
 _INSERT_PLACEHOLDER = f"""
     INSERT INTO leases ({_LEASE_COLUMNS}, updated_at)
     VALUES (%s, '', '', 0, 0, 0, NULL, NULL, true, NULL, 0, NULL, {_CLOCK})
@@ -451,6 +452,32 @@ class PostgresStore:
         one_shot: bool = False,
         lease_name: str = LEASE_NAME,
     ) -> AcquireDecision:
+        def decide(values: tuple | None, now: float, wall: float) -> AcquireDecision:
+            return decide_acquire(
+                self._lease(values),
+                controller_id=controller_id,
+                host=host,
+                ttl_sec=ttl_sec,
+                preferred=preferred,
+                metadata_json=metadata_json,
+                now=now,
+                wall=wall,
+                instance_id=instance_id,
+                one_shot=one_shot,
+                lease_name=lease_name,
+            )
+
+        # Most acquires are denials (every standby, every renew interval, on every process).
+        # A denial changes nothing, so deciding it from a committed read is the request
+        # arriving at the moment of that read, when the lease was indeed live: no row lock, no
+        # clock query (the display clock carried forward will do). Anything that would change
+        # the row, or record a history entry, is decided afresh under the lock below.
+        with self._connection() as conn:
+            values = conn.execute(_READ_LEASE, (lease_name,)).fetchone()
+        if values is not None:
+            decision = decide(values, self._lease_clock(), self.now())
+            if not (decision.changed or self._unrecorded_conflict(decision, instance_id)):
+                return decision
         with self._connection() as conn, conn.transaction():
             values = conn.execute(_LOCK_LEASE, (lease_name,)).fetchone()
             if values is None:
@@ -460,19 +487,7 @@ class PostgresStore:
                 values = conn.execute(_LOCK_LEASE, (lease_name,)).fetchone()
             wall = self._db_now(conn)
             decided_at = self._lease_clock()  # after the row lock: never before the read
-            decision = decide_acquire(
-                self._lease(values),
-                controller_id=controller_id,
-                host=host,
-                ttl_sec=ttl_sec,
-                preferred=preferred,
-                metadata_json=metadata_json,
-                now=decided_at,
-                wall=wall,
-                instance_id=instance_id,
-                one_shot=one_shot,
-                lease_name=lease_name,
-            )
+            decision = decide(values, decided_at, wall)
             if decision.changed:
                 # The client's clock is kept for diagnosis only; it decides nothing.
                 recorded = client_now if decision.is_leader else None
@@ -616,6 +631,11 @@ class PostgresStore:
         # Delivered to every listener when this transaction commits, never before.
         payload = f"{row.lease_name} {write[0]} {write[1]} {change}"
         conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, payload))
+
+    def _unrecorded_conflict(self, decision: AcquireDecision, instance_id: str | None) -> bool:
+        return decision.duplicate_id and not self._conflicts.known(
+            (decision.row.lease_name, decision.row.term, instance_id)
+        )
 
     def _record(
         self,
