@@ -56,7 +56,6 @@ SQLite specifics:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import sqlite3
 import threading
@@ -74,19 +73,21 @@ from conductord.control_api.rules import (
     decide_release,
 )
 from conductord.control_api.store_base import (
+    HISTORY_COLUMNS,
     HISTORY_KEEP,
     INSTANCE_RETENTION_SEC,
     POSTGRES_SCHEMES,
     Clock,
     ControllerRow,
     HistoryEntry,
+    HistorySql,
     RecordedConflicts,
     Store,
     StoreError,
     describe_db,
     dsn_secrets,
-    history_entry,
-    needs_previous,
+    record_history,
+    unrecorded_conflict,
     with_instances,
 )
 from conductord.wire import Heartbeat
@@ -217,25 +218,7 @@ _UPSERT_CONTROLLER = f"""
         last_seen_at = excluded.last_seen_at,
         instance_id = coalesce(excluded.instance_id, controllers.instance_id)
 """
-_HISTORY_COLUMNS = "at, term, holder_id, holder_host, previous_holder_id, reason, instance_id"
-# A repeated instance conflict of one (term, instance) meets the unique index and adds nothing.
-_INSERT_HISTORY = f"""
-    INSERT INTO lease_history (lease_name, {_HISTORY_COLUMNS})
-    VALUES (:lease_name, :at, :term, :holder_id, :holder_host, :previous_holder_id, :reason,
-            :instance_id)
-    ON CONFLICT DO NOTHING
-"""
-# The holder of the term before `term`, as its grant recorded it.
-_PREVIOUS_HOLDER = """
-    SELECT previous_holder_id FROM lease_history
-    WHERE lease_name = ? AND term = ? AND reason IN ('granted', 'taken_over')
-    ORDER BY id DESC LIMIT 1
-"""
-# Everything older than the newest `keep` entries (the subquery is NULL while there are fewer).
-_TRIM_HISTORY = """
-    DELETE FROM lease_history
-    WHERE id <= (SELECT id FROM lease_history ORDER BY id DESC LIMIT 1 OFFSET ?)
-"""
+_HISTORY_SQL = HistorySql.styled("?", lambda name: f":{name}")
 _UPSERT_INSTANCE = """
     INSERT INTO controller_instances (controller_id, instance_id, host, last_seen_at)
     VALUES (?, ?, ?, ?)
@@ -518,7 +501,7 @@ class SqliteStore:
     def history(self, limit: int, lease_name: str = LEASE_NAME) -> list[HistoryEntry]:
         with self._autocommit() as conn:
             rows = conn.execute(
-                f"SELECT {_HISTORY_COLUMNS} FROM lease_history WHERE lease_name = ?"
+                f"SELECT {HISTORY_COLUMNS} FROM lease_history WHERE lease_name = ?"
                 " ORDER BY id DESC LIMIT ?",
                 (lease_name, limit),
             ).fetchall()
@@ -533,9 +516,7 @@ class SqliteStore:
     # -- rows -----------------------------------------------------------------------------
 
     def _unrecorded_conflict(self, decision: AcquireDecision, instance_id: str | None) -> bool:
-        return decision.duplicate_id and not self._conflicts.known(
-            (decision.row.lease_name, decision.row.term, instance_id)
-        )
+        return unrecorded_conflict(self._conflicts, decision, instance_id)
 
     def _record(
         self,
@@ -543,29 +524,16 @@ class SqliteStore:
         decision: AcquireDecision | ReleaseDecision,
         instance_id: str | None,
     ) -> tuple[str, int, str | None] | None:
-        """Add the history entry `decision` makes, if any, in the caller's transaction.
-
-        Returns the (lease, term, instance) of an instance conflict, for `RecordedConflicts`
-        once the transaction has committed.
-        """
-        entry = history_entry(decision, instance_id=instance_id, at=self._clock())
-        if entry is None or decision.row is None:
-            return None
-        lease_name = decision.row.lease_name
-        conflict = (lease_name, entry.term, entry.instance_id)
-        if entry.reason == "instance_conflict" and self._conflicts.known(conflict):
-            return None
-        if needs_previous(entry):
-            found = conn.execute(_PREVIOUS_HOLDER, (lease_name, entry.term)).fetchone()
-            entry = dataclasses.replace(
-                entry, previous_holder_id=found[0] if found is not None else None
-            )
-        cursor = conn.execute(
-            _INSERT_HISTORY, {"lease_name": lease_name, **dataclasses.asdict(entry)}
+        """The decision's history entry, in the caller's transaction (`record_history`)."""
+        return record_history(
+            conn,
+            _HISTORY_SQL,
+            decision,
+            instance_id=instance_id,
+            at=self._clock(),
+            conflicts=self._conflicts,
+            keep=self._history_keep,
         )
-        if cursor.rowcount == 1:
-            conn.execute(_TRIM_HISTORY, (self._history_keep,))
-        return conflict if entry.reason == "instance_conflict" else None
 
     @staticmethod
     def _read_lease(conn: sqlite3.Connection, lease_name: str) -> LeaseRow | None:

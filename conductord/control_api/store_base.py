@@ -20,7 +20,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from conductord.control_api.rules import (
@@ -262,3 +262,84 @@ def with_instances(
         dataclasses.replace(row, instances=tuple(by_id.get(row.controller_id, ())))
         for row in controllers
     ]
+
+
+# -- recording the history (the same for both stores; only the placeholder style differs) -------
+
+_HISTORY_FIELDS = (
+    "at",
+    "term",
+    "holder_id",
+    "holder_host",
+    "previous_holder_id",
+    "reason",
+    "instance_id",
+)
+HISTORY_COLUMNS = ", ".join(_HISTORY_FIELDS)
+
+
+@dataclass(frozen=True)
+class HistorySql:
+    """The statements that record the history, in one driver's placeholder style."""
+
+    insert: str
+    previous_holder: str
+    trim: str
+
+    @classmethod
+    def styled(cls, positional: str, named: Callable[[str], str]) -> HistorySql:
+        values = ", ".join(named(name) for name in ("lease_name", *_HISTORY_FIELDS))
+        return cls(
+            # A repeated instance conflict of one (term, instance) meets the unique index and
+            # adds nothing.
+            insert=f"INSERT INTO lease_history (lease_name, {HISTORY_COLUMNS})"
+            f" VALUES ({values}) ON CONFLICT DO NOTHING",
+            # The holder of the term before `term`, as its grant recorded it.
+            previous_holder="SELECT previous_holder_id FROM lease_history"
+            f" WHERE lease_name = {positional} AND term = {positional}"
+            " AND reason IN ('granted', 'taken_over') ORDER BY id DESC LIMIT 1",
+            # Everything older than the newest `keep` entries (NULL while there are fewer).
+            trim="DELETE FROM lease_history WHERE id <= (SELECT id FROM lease_history"
+            f" ORDER BY id DESC LIMIT 1 OFFSET {positional})",
+        )
+
+
+def unrecorded_conflict(
+    conflicts: RecordedConflicts, decision: AcquireDecision, instance_id: str | None
+) -> bool:
+    """A duplicate-id refusal this process has not written yet (it costs one write, once)."""
+    return decision.duplicate_id and not conflicts.known(
+        (decision.row.lease_name, decision.row.term, instance_id)
+    )
+
+
+def record_history(
+    conn: Any,
+    sql: HistorySql,
+    decision: AcquireDecision | ReleaseDecision,
+    *,
+    instance_id: str | None,
+    at: float,
+    conflicts: RecordedConflicts,
+    keep: int,
+) -> tuple[str, int, str | None] | None:
+    """Add the history entry `decision` makes, if any, in the caller's transaction on `conn`
+    (a DB-API connection with `execute`), and keep the newest `keep` entries.
+
+    Returns the (lease, term, instance) of an instance conflict, for `conflicts` once the
+    transaction has committed.
+    """
+    entry = history_entry(decision, instance_id=instance_id, at=at)
+    if entry is None or decision.row is None:
+        return None
+    lease_name = decision.row.lease_name
+    conflict = (lease_name, entry.term, entry.instance_id)
+    if entry.reason == "instance_conflict" and conflicts.known(conflict):
+        return None
+    if needs_previous(entry):
+        found = conn.execute(sql.previous_holder, (lease_name, entry.term)).fetchone()
+        entry = dataclasses.replace(entry, previous_holder_id=found[0] if found else None)
+    cursor = conn.execute(sql.insert, {"lease_name": lease_name, **dataclasses.asdict(entry)})
+    if cursor.rowcount == 1:
+        conn.execute(sql.trim, (keep,))
+    return conflict if entry.reason == "instance_conflict" else None

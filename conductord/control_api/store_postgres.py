@@ -89,16 +89,18 @@ from conductord.control_api.rules import (
     decide_release,
 )
 from conductord.control_api.store_base import (
+    HISTORY_COLUMNS,
     HISTORY_KEEP,
     INSTANCE_RETENTION_SEC,
     ControllerRow,
     HistoryEntry,
+    HistorySql,
     RecordedConflicts,
     StoreError,
     describe_db,
     dsn_secrets,
-    history_entry,
-    needs_previous,
+    record_history,
+    unrecorded_conflict,
     with_instances,
 )
 from conductord.logs import get_logger
@@ -226,25 +228,7 @@ _UPDATE_LEASE = f"""
     WHERE lease_name = %(lease_name)s AND term <= %(term)s
     RETURNING revision, write_id
 """
-_HISTORY_COLUMNS = "at, term, holder_id, holder_host, previous_holder_id, reason, instance_id"
-# A repeated instance conflict of one (term, instance) meets the unique index and adds nothing.
-_INSERT_HISTORY = f"""
-    INSERT INTO lease_history (lease_name, {_HISTORY_COLUMNS})
-    VALUES (%(lease_name)s, %(at)s, %(term)s, %(holder_id)s, %(holder_host)s,
-            %(previous_holder_id)s, %(reason)s, %(instance_id)s)
-    ON CONFLICT DO NOTHING
-"""
-# Everything older than the newest `keep` entries (the subquery is NULL while there are fewer).
-_TRIM_HISTORY = """
-    DELETE FROM lease_history
-    WHERE id <= (SELECT id FROM lease_history ORDER BY id DESC LIMIT 1 OFFSET %s)
-"""
-# The holder of the term before `term`, as its grant recorded it.
-_PREVIOUS_HOLDER = """
-    SELECT previous_holder_id FROM lease_history
-    WHERE lease_name = %s AND term = %s AND reason IN ('granted', 'taken_over')
-    ORDER BY id DESC LIMIT 1
-"""
+_HISTORY_SQL = HistorySql.styled("%s", lambda name: f"%({name})s")
 # The controller upsert and, when the sender names its instance, the instance upsert, in one
 # round trip.
 _HEARTBEAT = f"""
@@ -561,7 +545,7 @@ class PostgresStore:
     def history(self, limit: int, lease_name: str = LEASE_NAME) -> list[HistoryEntry]:
         with self._connection() as conn:
             rows = conn.execute(
-                f"SELECT {_HISTORY_COLUMNS} FROM lease_history WHERE lease_name = %s"
+                f"SELECT {HISTORY_COLUMNS} FROM lease_history WHERE lease_name = %s"
                 " ORDER BY id DESC LIMIT %s",
                 (lease_name, limit),
             ).fetchall()
@@ -633,9 +617,7 @@ class PostgresStore:
         conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, payload))
 
     def _unrecorded_conflict(self, decision: AcquireDecision, instance_id: str | None) -> bool:
-        return decision.duplicate_id and not self._conflicts.known(
-            (decision.row.lease_name, decision.row.term, instance_id)
-        )
+        return unrecorded_conflict(self._conflicts, decision, instance_id)
 
     def _record(
         self,
@@ -644,30 +626,17 @@ class PostgresStore:
         instance_id: str | None,
         wall: float,
     ) -> tuple[str, int, str | None] | None:
-        """Add the history entry `decision` makes, if any, in the caller's transaction (which
-        holds the lease row lock, so entries are numbered in decision order across processes).
-
-        Returns the (lease, term, instance) of an instance conflict, for `RecordedConflicts`
-        once the transaction has committed.
-        """
-        entry = history_entry(decision, instance_id=instance_id, at=wall)
-        if entry is None or decision.row is None:
-            return None
-        lease_name = decision.row.lease_name
-        conflict = (lease_name, entry.term, entry.instance_id)
-        if entry.reason == "instance_conflict" and self._conflicts.known(conflict):
-            return None
-        if needs_previous(entry):
-            found = conn.execute(_PREVIOUS_HOLDER, (lease_name, entry.term)).fetchone()
-            entry = dataclasses.replace(
-                entry, previous_holder_id=found[0] if found is not None else None
-            )
-        cursor = conn.execute(
-            _INSERT_HISTORY, {"lease_name": lease_name, **dataclasses.asdict(entry)}
+        """The decision's history entry in the caller's transaction (which holds the lease row
+        lock, so entries are numbered in decision order across processes)."""
+        return record_history(
+            conn,
+            _HISTORY_SQL,
+            decision,
+            instance_id=instance_id,
+            at=wall,
+            conflicts=self._conflicts,
+            keep=self._history_keep,
         )
-        if cursor.rowcount == 1:
-            conn.execute(_TRIM_HISTORY, (self._history_keep,))
-        return conflict if entry.reason == "instance_conflict" else None
 
     def _on_notify(self, payload: str) -> bool:
         """Note a write another process made; True when the holder changed (wake waiters).
