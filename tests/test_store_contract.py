@@ -608,3 +608,36 @@ def test_postgres_decides_a_denial_without_the_row_lock(pg_dsn):
         assert acquire(store, "leader").operation == "renew"  # a change still takes the lock
     finally:
         store.close()
+
+
+def test_postgres_another_fleet_in_the_same_database_never_keeps_our_lease_alive():
+    # NOTIFY is per database: the renewals of a fleet in another schema must not count as
+    # writes of our lease (they kept a dead leader's lease alive in this process for good).
+    import gevent
+
+    from conductord.control_api.store_postgres import PostgresStore
+
+    base = require_dsn()
+    with fresh_schema(base) as ours_dsn, fresh_schema(base) as theirs_dsn:
+        clock = FakeClock()
+        ours = PostgresStore(ours_dsn, min_size=1, max_size=2, lease_clock=clock)
+        watcher = PostgresStore(ours_dsn, min_size=1, max_size=2, lease_clock=clock)
+        theirs = PostgresStore(theirs_dsn, min_size=1, max_size=2)
+        woken: list[int] = []
+        try:
+            watcher.watch(lambda: woken.append(1))
+            deadline = time.monotonic() + 5
+            while not woken:  # listening (it fires once when it connects)
+                assert time.monotonic() < deadline
+                gevent.sleep(0.01)
+            acquire(ours, "leader", ttl=10)  # and then our leader dies
+            acquire(watcher, "standby")  # the watcher has seen the lease
+            for _ in range(5):  # the other fleet keeps renewing its own lease meanwhile
+                acquire(theirs, "their-leader", ttl=10)
+                gevent.sleep(0.05)
+            clock.now += 10.5
+            taken = acquire(watcher, "standby")
+            assert (taken.operation, taken.row.term) == ("acquire", 2)
+        finally:
+            for store in (ours, watcher, theirs):
+                store.close()

@@ -42,8 +42,8 @@ Design:
 - Errors: every psycopg failure becomes a one-line `StoreError` (the app answers 503, the
   server exits 2 at start); the DSN's password is masked in every message.
 - Cross-process wake (SPEC §12): every lease write `NOTIFY conductord_lease` in its
-  transaction with the payload `<lease> <revision> <write_id> <change|renew>`, delivered at
-  commit.
+  transaction with the payload `<leases table oid> <lease> <revision> <write_id>
+  <change|renew>`, delivered at commit.
   `watch(callback)` runs one LISTEN connection in a greenlet; it records each revision's first
   sighting and calls every callback on a holder change (grant, takeover, release; not on a
   renewal, which would only wake every parked waiter for nothing) and after every
@@ -56,9 +56,10 @@ on sockets through it, so a slow query parks only its own greenlet. This module 
 be imported after `monkey.patch_all()` (the CLI imports it lazily, after patching). The LISTEN
 greenlet waits with `gevent.socket.wait_read`, which cooperates with or without patching.
 
-Limits: NOTIFY is per database, so servers using different schemas of one database wake each
-other's waiters needlessly (harmless: a wake is only a hint). `watch()` must be called from the
-gevent hub's thread, and so must `close()` when a watcher runs. Each process holds up to
+Limits: NOTIFY is per database; a notification names the `leases` table it is about (its oid),
+so fleets in different schemas of one database never take each other's writes for their own.
+`watch()` must be called from the gevent hub's thread, and so must `close()` when a watcher
+runs. Each process holds up to
 `max_size` + 1 connections.
 """
 
@@ -209,6 +210,8 @@ _CONTROLLER_COLUMNS = (
     "first_seen_at, last_seen_at, instance_id"
 )
 _READ_LEASE = f"SELECT {_LEASE_COLUMNS} FROM leases WHERE lease_name = %s"
+# The `leases` table this connection's search_path finds, as text: what a notification is about.
+_TABLE_OID = "'leases'::regclass::oid::text"
 _LOCK_LEASE = f"{_READ_LEASE} FOR UPDATE"
 _INSERT_PLACEHOLDER = f"""
     INSERT INTO leases ({_LEASE_COLUMNS}, updated_at)
@@ -614,7 +617,11 @@ class PostgresStore:
         self._sighted(row.lease_name, write, at=decided_at)
         # Delivered to every listener when this transaction commits, never before.
         payload = f"{row.lease_name} {write[0]} {write[1]} {change}"
-        conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, payload))
+        # NOTIFY is per database: the payload names our `leases` table (its oid), so that a
+        # fleet in another schema of the same database is never taken for ours.
+        conn.execute(
+            f"SELECT pg_notify(%s, {_TABLE_OID} || ' ' || %s)", (NOTIFY_CHANNEL, payload)
+        )
 
     def _unrecorded_conflict(self, decision: AcquireDecision, instance_id: str | None) -> bool:
         return unrecorded_conflict(self._conflicts, decision, instance_id)
@@ -638,16 +645,19 @@ class PostgresStore:
             keep=self._history_keep,
         )
 
-    def _on_notify(self, payload: str) -> bool:
+    def _on_notify(self, payload: str, table_oid: str) -> bool:
         """Note a write another process made; True when the holder changed (wake waiters).
 
-        Payload: `<lease> <revision> <write_id> <change|renew>`; anything else (an older
-        server's payload) only wakes.
+        Payload: `<leases table oid> <lease> <revision> <write_id> <change|renew>`. A write to
+        another `leases` table (another fleet in another schema of the database) is none of
+        ours: ignored. Anything else (an older server's payload) only wakes.
         """
         parts = payload.split(" ")
-        if len(parts) != 4 or not parts[1].isdigit():
+        if len(parts) != 5 or not parts[2].isdigit():
             return True
-        lease_name, revision, write_id, change = parts
+        oid, lease_name, revision, write_id, change = parts
+        if oid != table_oid:
+            return False
         self._sighted(lease_name, (int(revision), write_id))
         return change != "renew"
 
@@ -676,6 +686,7 @@ class PostgresStore:
             listening_since = None
             try:
                 conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                table_oid = str(conn.execute(f"SELECT {_TABLE_OID}").fetchone()[0])
                 listening_since = time.monotonic()
                 if failing:
                     self._log.info("store.listen_recovered", db=self.display)
@@ -686,7 +697,7 @@ class PostgresStore:
                     # timeout=0: drain what has arrived without blocking the hub.
                     # (Exhaust the generator: it holds the connection lock while suspended.)
                     notes = [note.payload for note in conn.notifies(timeout=0)]
-                    if any([self._on_notify(payload) for payload in notes]):
+                    if any([self._on_notify(payload, table_oid) for payload in notes]):
                         self._fire()
             except (psycopg.Error, OSError) as exc:
                 if not self._stop_listening.is_set():
