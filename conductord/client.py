@@ -56,7 +56,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NewConnectionError, ReadTimeoutError
 
 from conductord import __version__
-from conductord.redact import redact, safe_text
+from conductord.redact import redact, safe_text, server_text
 from conductord.wire import (
     ACQUIRE_PATH,
     HEARTBEAT_PATH,
@@ -87,7 +87,7 @@ MAX_BODY_BYTES: Final = 1024 * 1024
 OUTCOMES: Final = ("ok", "error", "moved")
 _BODY_PREVIEW_CHARS: Final = 200  # §4 rule 2
 _ENVELOPE_TEXT_CHARS: Final = 1000  # keeps a runaway server message out of every log line
-_REDACT_SLACK: Final = 1024  # server text looked at beyond a cut, so redaction sees the cut
+_REDACT_SLACK: Final = 1024  # server bytes decoded beyond a cut, so redaction sees the cut
 _READ_CHUNK: Final = 64 * 1024
 # Two loops (heartbeat, lease) and a release may overlap; more would only idle.
 _POOL_SIZE: Final = 4
@@ -516,7 +516,7 @@ class ControlApiClient:
 
     def _server_text(self, text: str, limit: int) -> str:
         """A server's text, valid Unicode and redacted, then cut to `limit` characters."""
-        return _cut(redact(safe_text(text[: limit + _REDACT_SLACK]), self._secrets), limit)
+        return server_text(text, self._secrets, limit)
 
     def _redacted(self, err: ControlApiError) -> ControlApiError:
         """The last line of defence over the whole message."""
