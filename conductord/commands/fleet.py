@@ -37,7 +37,8 @@ from marshmallow import Schema, post_load
 from conductord import __version__
 from conductord.argparsing import ArgumentParser, UsageError, fail
 from conductord.client import describe_transport_error
-from conductord.config import SETTINGS_BY_NAME, ConfigError, Setting, SettingsTable, scrub
+from conductord.config import SETTINGS_BY_NAME, ConfigError, Setting, SettingsTable
+from conductord.redact import clean, redact
 
 __all__ = ["EXIT_NO_LEADER", "HISTORY_SHOWN", "FleetError", "FleetView", "fetch_fleet", "main"]
 
@@ -355,11 +356,21 @@ def main(argv: list[str], env: Mapping[str, str]) -> int:
             settings.bases, token=settings.token, timeout_s=settings.timeout_ms / 1000
         )
     except FleetError as err:
-        return fail(scrub(str(err), secrets), 1)
+        return fail(clean(str(err), secrets), 1)
+    # Everything shown is a server's text (ids, hosts, versions, history): made valid and
+    # redacted of the token and of every piece of it of 8 characters or more (SPEC §3), value
+    # by value (a JSON escape cannot hide a piece), then the whole text once more (a piece a
+    # table cell was cut from).
+    view = dataclasses.replace(
+        view,
+        controllers=clean(view.controllers, secrets),
+        leader=clean(view.leader, secrets),
+        history=None if view.history is None else clean(view.history, secrets),
+    )
     if options.json:
         text = json.dumps(view.document(), indent=2, ensure_ascii=False)
     else:
         text = render(view)
-    sys.stdout.write(scrub(text, secrets) + "\n")
+    sys.stdout.write(redact(text, secrets) + "\n")
     sys.stdout.flush()
     return 0 if view.healthy else EXIT_NO_LEADER
