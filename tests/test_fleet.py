@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from conductord.client import MAX_BODY_BYTES
 from tests.support.control_api import ControlApiProcess
 from tests.support.daemon import DaemonProcess, clean_env
 from tests.support.scripted_server import Reply, ScriptedServer
@@ -289,3 +290,24 @@ def test_a_server_echoing_pieces_of_the_token_gets_none_printed():
     assert_one_line_error(failed)
     for result in (table, document, failed):
         assert pieces(result.stdout + result.stderr) == [], result.stdout + result.stderr
+
+
+def test_each_get_has_a_whole_call_deadline_and_a_body_cap():
+    # One URL trickles its answer a byte every 50 ms (each read is prompt, the whole would take
+    # 10+ s), the other answers more than the client's cap: neither is read whole.
+    slow_body = ok({"controllers": [], "padding": "p" * 200})
+    big_body = ok({"controllers": [], "padding": "x" * MAX_BODY_BYTES})
+    with ScriptedServer() as slow, ScriptedServer() as big:
+        slow.default("/v1/controllers", Reply(slow_body.status, slow_body.body, trickle=True))
+        big.default("/v1/controllers", big_body)
+        began = time.monotonic()
+        result = fleet("--control-api-base", f"{slow.url},{big.url}", "--request-timeout-ms", "500")
+        elapsed = time.monotonic() - began
+        urls = slow.url, big.url
+    assert result.returncode == 1
+    assert assert_one_line_error(result) == (
+        f"conductord: error: no Control API answered: {urls[0]}: Control API /v1/controllers:"
+        f" timed out after 500 ms; {urls[1]}: Control API /v1/controllers: response body"
+        f" larger than {MAX_BODY_BYTES} bytes"
+    )
+    assert elapsed < 8
