@@ -835,15 +835,14 @@ class Paths:
 class Config:
     """A resolved, validated configuration. Defaults come from `SETTINGS` (`default_of`).
 
-    Built directly, give `control_api_base` (one URL, or several comma-joined) or
-    `control_api_bases`; the other is derived.
+    Built directly, give `control_api_bases` (a sequence of URLs, at least one);
+    `control_api_base`, their comma-joined text, is derived from it.
     """
 
     node_id: str
     host: str = default_of("host")
     role: str = default_of("role")
-    control_api_base: str = ""  # the URLs of control_api_bases, comma-joined
-    control_api_bases: tuple[str, ...] = ()
+    control_api_bases: tuple[str, ...]
     local_api_base: str | None = None
     shared_token: str | None = field(default=None, repr=False)
     shared_token_file: str | None = None
@@ -868,21 +867,18 @@ class Config:
     node_id_defaulted: bool = False
 
     def __post_init__(self) -> None:
-        bases = tuple(self.control_api_bases)
-        if bases and self.control_api_base and self.control_api_base != ",".join(bases):
-            raise ValueError(
-                f"control_api_base {self.control_api_base!r} and control_api_bases {bases!r}"
-                " disagree; give one of them"
-            )
-        if not bases:
-            bases = tuple(url.strip() for url in self.control_api_base.split(",") if url.strip())
-        if not bases:
-            raise TypeError("Config needs control_api_base or control_api_bases")
-        joined = ",".join(bases)
-        object.__setattr__(self, "control_api_bases", bases)
-        object.__setattr__(self, "control_api_base", joined)
+        if isinstance(self.control_api_bases, str):  # its characters are no list of URLs
+            raise TypeError("Config.control_api_bases is a sequence of URLs, not a string")
+        object.__setattr__(self, "control_api_bases", tuple(self.control_api_bases))
+        if not self.control_api_bases:
+            raise TypeError("Config needs at least one URL in control_api_bases")
         if self.exec_argv is not None:
             object.__setattr__(self, "exec_argv", tuple(self.exec_argv))
+
+    @property
+    def control_api_base(self) -> str:
+        """The URLs of `control_api_bases`, comma-joined (as `--control-api-base` takes them)."""
+        return ",".join(self.control_api_bases)
 
     @property
     def has_shared_token(self) -> bool:

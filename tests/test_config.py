@@ -64,7 +64,7 @@ def test_defaults_for_primary() -> None:
     config = resolve_config({}, BASE)
     assert config == Config(
         node_id="localhost-main",
-        control_api_base="https://control.example.test",
+        control_api_bases=("https://control.example.test",),
         controller_version=__version__,
         node_id_defaulted=True,
     )
@@ -616,16 +616,22 @@ def test_each_bad_entry_of_the_list_is_reported_with_its_position() -> None:
     assert "entry 2 is empty" in problem
 
 
-def test_config_built_directly_takes_either_form_of_the_list() -> None:
-    one = Config(node_id="n", control_api_base="http://127.0.0.1:9")
+def test_config_keeps_the_list_once_and_derives_the_joined_text() -> None:
+    one = Config(node_id="n", control_api_bases=["http://127.0.0.1:9"])
     assert one.control_api_bases == ("http://127.0.0.1:9",)
     two = Config(node_id="n", control_api_bases=("http://a.test", "http://b.test"))
     assert two.control_api_base == "http://a.test,http://b.test"
-    assert two == Config(node_id="n", control_api_base="http://a.test, http://b.test")
-    with pytest.raises(ValueError, match="disagree"):
-        Config(node_id="n", control_api_base="http://a.test", control_api_bases=("http://b",))
-    with pytest.raises(TypeError):
-        Config(node_id="n")
+    # One field: nothing to reconcile, and a replaced list cannot leave a stale joined text.
+    names = [f.name for f in dataclasses.fields(Config)]
+    assert "control_api_bases" in names and "control_api_base" not in names
+    moved = dataclasses.replace(two, control_api_bases=("http://c.test",))
+    assert (moved.control_api_base, moved.control_api_bases) == ("http://c.test", ("http://c.test",))
+    assert resolve_config({}, {"BAA_CONTROL_API_BASE": "http://a.test, http://b.test/"}) == (
+        dataclasses.replace(resolve_config({}, BASE), control_api_bases=two.control_api_bases)
+    )
+    for wrong in ({}, {"control_api_bases": ()}, {"control_api_bases": "http://a.test"}):
+        with pytest.raises(TypeError):
+            Config(node_id="n", **wrong)
 
 
 def test_warnings_look_at_every_control_api_url(tmp_path: Path) -> None:
