@@ -12,7 +12,8 @@ traceback or argparse's usage dump; on an error nothing is written to stdout.
 
 The commands that need gevent-heavy modules (`start` -> `runtime`, `status`, `control-api`)
 import them lazily, so `config`, `checklist` and `help` stay cheap and work even while those
-modules are missing. Any value that could be the shared token is scrubbed from error lines.
+modules are missing. Every line printed here is redacted (`conductord.redact`) of any value
+that could be the shared token, and of every piece of it of 8 characters or more.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from conductord.config import (
     ConfigError,
     config_warnings,
     resolve_config,
-    scrub,
 )
+from conductord.redact import clean, safe_str
 
 __all__ = ["HelpRequested", "help_text", "main", "parse_start_argv"]
 
@@ -173,13 +174,13 @@ def _cmd_config(argv: Sequence[str], env: Mapping[str, str], secrets: list[str])
     config = resolve_config(SETTINGS.flags(namespace), env)
     if config.shared_token:
         secrets.append(config.shared_token)
-    # The token is masked already; scrubbing also catches it pasted into another setting.
+    # The token is masked already; redacting also catches it (or a piece) in another setting.
     if namespace.json:
-        _out(scrub(json.dumps(config.public_dict(), indent=2), secrets))
+        _out(json.dumps(clean(config.public_dict(), secrets), indent=2))
     else:
-        _out(scrub(_config_text(config), secrets))
+        _out(clean(_config_text(config), secrets))
     for warning in config_warnings(config):
-        _warn(warning)
+        _warn(warning)  # no warning quotes the token (the placeholder's names it: no secret)
     return 0
 
 
@@ -217,7 +218,7 @@ def _load(module_name: str, function: str, command: str) -> Callable[..., int]:
 def _node_config(
     argv: Sequence[str], env: Mapping[str, str], secrets: list[str]
 ) -> tuple[Config, argparse.Namespace]:
-    """Resolve a node's configuration and remember its token for scrubbing error lines."""
+    """Resolve a node's configuration and remember its token for redacting error lines."""
     config, namespace = parse_start_argv(argv, env)
     if config.shared_token:
         secrets.append(config.shared_token)
@@ -290,10 +291,10 @@ def main(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     try:
         return _dispatch(argv, environment, secrets)
     except UsageError as err:
-        return fail(scrub(str(err), secrets), 2)
+        return fail(clean(str(err), secrets), 2)
     except ConfigError as err:
         for problem in err.problems:
-            fail(scrub(problem, secrets))
+            fail(clean(problem, secrets))
         return 2
     except _NotImplementedYet as err:
         return fail(f"{err} is not implemented yet", 1)
@@ -306,4 +307,4 @@ def main(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     except KeyboardInterrupt:
         return fail("interrupted", 1)
     except Exception as err:
-        return fail(scrub(f"unexpected {type(err).__name__}: {err}", secrets), 1)
+        return fail(clean(f"unexpected {type(err).__name__}: {safe_str(err)}", secrets), 1)

@@ -37,6 +37,15 @@ public exceptions rather than inside the socket send. `call_counts()` feeds the 
 Every failure is a `ControlApiError` whose text is exactly SPEC §4's. A server's text in it is
 made valid Unicode and stripped of the token and of any piece of it of 8 characters or more
 (`conductord.redact`) before it is cut to length.
+
+GETs (`ControlApiClient.get`, for `fleet`, `diagnose`'s endpoint checks and the daemon's store
+check) go the same way: the same session, one `gevent.Timeout` of `timeout_ms` around the
+call, the same body cap, §4 rules 1–4 with the same texts and redaction. A GET goes to one URL
+(`base_url=`, default the one in use): it never moves on by itself, never moves the URL the
+POSTs use, and is not counted in `call_counts()`. Callers that read several URLs choose how
+(`fleet`: the first that answers; `endpoints`: each one). `capped_get(url, ...)` is that
+transport for an endpoint that is no Control API (the node's own `/v1/status`, read by
+`conductord status`): raw status and bytes, failures as `TransportError`.
 """
 
 from __future__ import annotations
@@ -45,8 +54,9 @@ import http.client
 import json
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any, Final
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 import gevent
@@ -56,7 +66,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NewConnectionError, ReadTimeoutError
 
 from conductord import __version__
-from conductord.redact import redact, safe_text
+from conductord.redact import redact, safe_text, server_text
 from conductord.wire import (
     ACQUIRE_PATH,
     HEARTBEAT_PATH,
@@ -78,16 +88,20 @@ from conductord.wire import (
 __all__ = [
     "MAX_BODY_BYTES",
     "OUTCOMES",
+    "Answer",
     "ControlApiClient",
     "ControlApiError",
+    "TransportError",
+    "capped_get",
     "describe_transport_error",
+    "new_session",
 ]
 
 MAX_BODY_BYTES: Final = 1024 * 1024
 OUTCOMES: Final = ("ok", "error", "moved")
 _BODY_PREVIEW_CHARS: Final = 200  # §4 rule 2
 _ENVELOPE_TEXT_CHARS: Final = 1000  # keeps a runaway server message out of every log line
-_REDACT_SLACK: Final = 1024  # server text looked at beyond a cut, so redaction sees the cut
+_REDACT_SLACK: Final = 1024  # server bytes decoded beyond a cut, so redaction sees the cut
 _READ_CHUNK: Final = 64 * 1024
 # Two loops (heartbeat, lease) and a release may overlap; more would only idle.
 _POOL_SIZE: Final = 4
@@ -104,6 +118,45 @@ class _NotSent(Exception):
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
+
+
+class TransportError(Exception):
+    """A request got no answer to interpret. `kind`:
+
+    - `refused`: no connection could be opened (refused, unreachable, name not resolved):
+      nothing of the request was sent;
+    - `failed`: the connection broke once open: the request may have reached the server;
+    - `timeout`: a connect or read timeout, or the whole-call deadline;
+    - `too_large`: a 2xx body above `MAX_BODY_BYTES` (`status` set).
+
+    `detail` is the cause as one line of valid text, not redacted (the caller knows its
+    secrets).
+    """
+
+    def __init__(
+        self,
+        kind: Literal["refused", "failed", "timeout", "too_large"],
+        detail: str,
+        *,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An HTTP answer read whole (a non-2xx body may be cut at the cap)."""
+
+    status: int
+    reason: str
+    body: bytes
+
+    def json(self) -> tuple[bool, Any]:
+        """(parsed?, value): the body as strict JSON (no NaN/Infinity), UTF-8."""
+        return _json_or_none(self.body)
 
 
 def _cut(text: str, limit: int) -> str:
@@ -190,6 +243,115 @@ def _base_urls(base_urls: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(urls)
 
 
+def new_session(
+    *, user_agent: str | None = None, pool_connections: int = 1, pool_maxsize: int = _POOL_SIZE
+) -> requests.Session:
+    """A `requests.Session` with the client's policy: `trust_env` off (no proxies or `~/.netrc`
+    from the environment), one `HTTPAdapter(max_retries=0)` for http and https, and only the
+    `accept` and `user-agent` headers."""
+    session = requests.Session()
+    session.trust_env = False
+    adapter = HTTPAdapter(
+        max_retries=0, pool_connections=pool_connections, pool_maxsize=pool_maxsize
+    )
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers.clear()
+    session.headers.update(
+        {"accept": "application/json", "user-agent": user_agent or f"conductord/{__version__}"}
+    )
+    return session
+
+
+def _read_body(response: requests.Response) -> bytes:
+    """The whole body by capped reads of the raw stream; a 2xx above the cap is `too_large`,
+    a larger error page is cut (its first characters are all §4 rule 2 quotes)."""
+    status = response.status_code
+    ok = 200 <= status < 300
+    declared = response.headers.get("content-length", "")
+    if ok and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large(status)
+    chunks: list[bytes] = []
+    total = 0
+    while total <= MAX_BODY_BYTES:
+        chunk = response.raw.read(min(_READ_CHUNK, MAX_BODY_BYTES + 1 - total))
+        if not chunk:
+            response.raw.release_conn()  # read to the end: the connection stays alive
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+        if response.raw.length_remaining == 0:
+            # All the declared bytes are in: asking for the end again would be a read more.
+            response.raw.release_conn()
+            return b"".join(chunks)
+    response.close()
+    if not ok:
+        return b"".join(chunks)
+    raise _too_large(status)
+
+
+def _too_large(status: int) -> TransportError:
+    return TransportError(
+        "too_large", f"response body larger than {MAX_BODY_BYTES} bytes", status=status
+    )
+
+
+def exchange(
+    session: requests.Session,
+    request: requests.PreparedRequest,
+    *,
+    connect_s: float,
+    read_s: float,
+) -> Answer:
+    """Send one prepared request through the session's adapter and read the whole answer.
+
+    `HTTPAdapter.send` with `stream=True`: no redirects followed, no retries, and the body
+    read under the cap (`Session.send` would read a redirect's body whole just to look at
+    it). Raises `TransportError`; the whole-call deadline is the caller's `gevent.Timeout`.
+    """
+    try:
+        response = session.get_adapter(request.url or "").send(
+            request,
+            stream=True,
+            timeout=(connect_s, read_s),
+            verify=session.verify,
+            cert=session.cert,
+            proxies={},
+        )
+        try:
+            body = _read_body(response)
+        except BaseException:
+            response.close()  # a half-read connection must not go back to the pool
+            raise
+        return Answer(response.status_code, response.reason or "", body)
+    except TransportError:
+        raise
+    except (requests.Timeout, ReadTimeoutError, TimeoutError):
+        raise TransportError("timeout", "timed out") from None
+    except Exception as exc:  # requests, urllib3, http.client, ssl, socket: all transport
+        detail = safe_text(" ".join(describe_transport_error(exc).split()))
+        raise TransportError("refused" if _never_sent(exc) else "failed", detail) from None
+
+
+def capped_get(
+    url: str, *, timeout_ms: int, headers: Mapping[str, str] | None = None
+) -> Answer:
+    """One GET of `url` with the client's transport (session policy, body cap, whole-call
+    deadline as a `gevent.Timeout` of `timeout_ms`), for an endpoint that is not the Control
+    API. Raises `TransportError`."""
+    seconds = timeout_ms / 1000
+    with new_session() as session:
+        request = session.prepare_request(requests.Request("GET", url, headers=headers))
+        timer = gevent.Timeout(seconds)
+        try:
+            with timer:
+                return exchange(session, request, connect_s=seconds, read_s=seconds)
+        except gevent.Timeout as fired:
+            if fired is not timer:
+                raise
+            raise TransportError("timeout", "timed out") from None
+
+
 def _field_errors(messages: Any, prefix: str = "") -> list[str]:
     if isinstance(messages, dict):
         found: list[str] = []
@@ -228,23 +390,11 @@ class ControlApiClient:
         self.timeout_ms = timeout_ms
         self._token = token or None
         self._secrets = (self._token,) if self._token else ()
-        session = requests.Session()
-        session.trust_env = False
-        adapter = HTTPAdapter(max_retries=0, pool_connections=len(urls), pool_maxsize=_POOL_SIZE)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        session.headers.clear()
-        session.headers.update(
-            {
-                "accept": "application/json",
-                "content-type": "application/json",
-                "user-agent": user_agent or f"conductord/{__version__}",
-            }
-        )
+        session = new_session(user_agent=user_agent, pool_connections=len(urls))
+        session.headers["content-type"] = "application/json"
         if self._token is not None:
             session.headers["authorization"] = f"Bearer {self._token}"
         self._session = session
-        self._adapter = adapter
         self._requests = [
             {path: session.prepare_request(requests.Request("POST", url + path)) for path in _PATHS}
             for url in urls
@@ -353,6 +503,53 @@ class ControlApiClient:
             raise
         return parse_release_result(data)
 
+    def get(
+        self,
+        path: str,
+        *,
+        params: Mapping[str, str | int] | None = None,
+        base_url: str | None = None,
+        authorized: bool = True,
+    ) -> Any:
+        """GET `path` (`params` as its query) from `base_url` (one of `base_urls`; default the
+        one in use) and return the answer's data by §4 rules 1–3, or raise `ControlApiError`
+        with the §4 text (`{path}` without the query). `authorized=False` sends no token.
+
+        Bounded as a whole by `timeout_ms`. Never tries another URL, never moves the URL in use
+        and is not counted in `call_counts()` (module docstring)."""
+        index = self._index_of(base_url)
+        headers: dict[str, str | None] = {"content-type": None}  # None: no such header
+        if not authorized:
+            headers["authorization"] = None
+        request = self._session.prepare_request(
+            requests.Request("GET", self.base_urls[index] + path, params=params, headers=headers)
+        )
+        budget_ms = self.timeout_ms
+        deadline = time.monotonic() + budget_ms / 1000
+        timer = gevent.Timeout(budget_ms / 1000)
+        try:
+            with timer:
+                answer = self._exchange(path, request, deadline, budget_ms)
+        except gevent.Timeout as fired:
+            if fired is not timer:
+                raise
+            raise self._timed_out(path, budget_ms) from None
+        except _NotSent as refused:
+            raise ControlApiError(
+                f"Control API {path}: connection failed: {refused.detail}", path=path
+            ) from None
+        except ControlApiError as err:
+            raise self._redacted(err) from None
+        return self._interpret(path, answer.status, answer.reason, answer.body)
+
+    def _index_of(self, base_url: str | None) -> int:
+        if base_url is None:
+            return self._current
+        try:
+            return self.base_urls.index(base_url.strip().rstrip("/"))
+        except ValueError:
+            raise ValueError(f"{base_url!r} is not one of this client's base URLs") from None
+
     # -- transport ---------------------------------------------------------------------------
 
     @staticmethod
@@ -376,8 +573,10 @@ class ControlApiClient:
         try:
             with timer:
                 while True:
+                    request = self._requests[index][path].copy()
+                    request.prepare_body(data, None)
                     try:
-                        status, reason, raw = self._exchange(index, path, data, deadline, budget_ms)
+                        answer = self._exchange(path, request, deadline, budget_ms)
                         break
                     except _NotSent as refused:
                         following = (index + 1) % len(self.base_urls)
@@ -392,14 +591,12 @@ class ControlApiClient:
             if fired is not timer:
                 raise
             self._failed(index, advance=True)
-            raise ControlApiError(
-                f"Control API {path}: timed out after {budget_ms} ms", path=path
-            ) from None
+            raise self._timed_out(path, budget_ms) from None
         except ControlApiError as err:
             self._failed(index, advance=_unhealthy(err))
             raise self._redacted(err) from None
         try:
-            payload = self._interpret(path, status, reason, raw)
+            payload = self._interpret(path, answer.status, answer.reason, answer.body)
         except ControlApiError as err:
             self._failed(index, advance=_unhealthy(err))
             raise
@@ -419,77 +616,34 @@ class ControlApiClient:
             if advance and self._current == index:
                 self._current = (index + 1) % len(self.base_urls)
 
+    @staticmethod
+    def _timed_out(path: str, budget_ms: int) -> ControlApiError:
+        return ControlApiError(f"Control API {path}: timed out after {budget_ms} ms", path=path)
+
     def _exchange(
-        self, index: int, path: str, data: bytes, deadline: float, budget_ms: int
-    ) -> tuple[int, str, bytes]:
-        """Send to one URL and read the whole answer: (status, reason, body bytes)."""
+        self, path: str, request: requests.PreparedRequest, deadline: float, budget_ms: int
+    ) -> Answer:
+        """Send to one URL and read the whole answer; failures as §4 texts, or `_NotSent`."""
         left = deadline - time.monotonic()
         if left <= 0:
-            raise ControlApiError(f"Control API {path}: timed out after {budget_ms} ms", path=path)
-        request = self._requests[index][path].copy()
-        request.prepare_body(data, None)
+            raise self._timed_out(path, budget_ms)
         try:
-            response = self._adapter.send(
-                request,
-                stream=True,
-                timeout=(min(self.timeout_ms / 1000, left), left),
-                verify=self._session.verify,
-                cert=self._session.cert,
-                proxies={},
+            return exchange(
+                self._session, request, connect_s=min(self.timeout_ms / 1000, left), read_s=left
             )
-            try:
-                raw = self._read_body(path, response)
-            except BaseException:
-                response.close()  # a half-read connection must not go back to the pool
-                raise
-            return response.status_code, response.reason or "", raw
-        except ControlApiError:
-            raise
-        except (requests.Timeout, ReadTimeoutError, TimeoutError):
-            raise ControlApiError(
-                f"Control API {path}: timed out after {budget_ms} ms", path=path
-            ) from None
-        except Exception as exc:  # requests, urllib3, http.client, ssl, socket: all transport
-            detail = self._server_text(
-                " ".join(describe_transport_error(exc).split()), _BODY_PREVIEW_CHARS
-            )
-            if _never_sent(exc):
+        except TransportError as err:
+            if err.kind == "timeout":
+                raise self._timed_out(path, budget_ms) from None
+            if err.kind == "too_large":
+                raise ControlApiError(
+                    f"Control API {path}: {err.detail}", path=path, status=err.status
+                ) from None
+            detail = self._server_text(err.detail, _BODY_PREVIEW_CHARS)
+            if err.kind == "refused":
                 raise _NotSent(detail) from None
             raise ControlApiError(
                 f"Control API {path}: connection failed: {detail}", path=path
             ) from None
-
-    @staticmethod
-    def _read_body(path: str, response: requests.Response) -> bytes:
-        ok = 200 <= response.status_code < 300
-        declared = response.headers.get("content-length", "")
-        if ok and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            raise ControlApiError(
-                f"Control API {path}: response body larger than {MAX_BODY_BYTES} bytes",
-                path=path,
-                status=response.status_code,
-            )
-        chunks: list[bytes] = []
-        total = 0
-        while total <= MAX_BODY_BYTES:
-            chunk = response.raw.read(min(_READ_CHUNK, MAX_BODY_BYTES + 1 - total))
-            if not chunk:
-                response.raw.release_conn()  # read to the end: the connection stays alive
-                return b"".join(chunks)
-            chunks.append(chunk)
-            total += len(chunk)
-            if response.raw.length_remaining == 0:
-                # All the declared bytes are in: asking for the end again would be a read more.
-                response.raw.release_conn()
-                return b"".join(chunks)
-        response.close()
-        if not ok:
-            return b"".join(chunks)  # an error page only needs its first characters
-        raise ControlApiError(
-            f"Control API {path}: response body larger than {MAX_BODY_BYTES} bytes",
-            path=path,
-            status=response.status_code,
-        )
 
     def _interpret(self, path: str, status: int, reason: str, raw: bytes) -> Any:
         """§4 rules 1–3."""
@@ -528,7 +682,7 @@ class ControlApiClient:
 
     def _server_text(self, text: str, limit: int) -> str:
         """A server's text, valid Unicode and redacted, then cut to `limit` characters."""
-        return _cut(redact(safe_text(text[: limit + _REDACT_SLACK]), self._secrets), limit)
+        return server_text(text, self._secrets, limit)
 
     def _redacted(self, err: ControlApiError) -> ControlApiError:
         """The last line of defence over the whole message."""

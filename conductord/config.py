@@ -21,7 +21,8 @@ Design:
 - `config_warnings(config)` lists what is legal but risky (SPEC §3 warnings).
 
 Secrets: the shared token is a `repr=False` field, `public_dict()` masks it, no error message
-ever quotes it, and every problem line is scrubbed of it as a last line of defence. `--exec`
+ever quotes it, and every problem line is redacted of it (with any piece of it of 8 characters
+or more, `conductord.redact`) as a last line of defence. `--exec`
 arguments may hold secrets too: no problem line quotes the command, and `public_dict()` shows
 only the program (argv[0]), as the snapshot does.
 
@@ -48,6 +49,7 @@ from marshmallow import Schema, ValidationError, fields, post_load, validate, va
 from conductord import __version__
 from conductord.lease import default_margin_s
 from conductord.plugins import PluginError, load_hooks, load_scheduler
+from conductord.redact import clean
 
 __all__ = [
     "EXEC_KILL_SLACK_MS",
@@ -73,7 +75,6 @@ __all__ = [
     "parse_bool",
     "resolve_config",
     "resolve_shared_token",
-    "scrub",
     "token_warnings",
     "validate_local_api",
 ]
@@ -538,7 +539,9 @@ class SettingsTable:
         not given. `env` is keyed by variable name. Raises `ConfigError` with every problem.
         """
         problems: list[str] = []
-        secrets = [str(v) for v in (flags.get("shared_token"), env.get("BAA_SHARED_TOKEN")) if v]
+        secrets = [
+            str(v).strip() for v in (flags.get("shared_token"), env.get("BAA_SHARED_TOKEN")) if v
+        ]
         raw: dict[str, object] = {}
         for row in self.rows:
             if row.name in _TOKEN_ROWS:
@@ -562,7 +565,8 @@ class SettingsTable:
         except ValidationError as err:
             problems.extend(self._problem_lines(err.messages))
         if problems:
-            raise ConfigError([scrub(line, secrets) for line in problems])
+            # Neither the token nor any piece of it of 8 characters or more (SPEC §3).
+            raise ConfigError([clean(line, secrets) for line in problems])
         return loaded
 
     def _problem_lines(self, messages: Any) -> list[str]:
@@ -587,14 +591,6 @@ def given(value: object) -> Any:
         return value
     text = str(value).strip()
     return text or None
-
-
-def scrub(text: str, secrets: Iterable[str]) -> str:
-    """`text` with every non-blank secret (stripped) replaced by `***`."""
-    for secret in secrets:
-        if secret.strip():
-            text = text.replace(secret.strip(), "***")
-    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -839,15 +835,14 @@ class Paths:
 class Config:
     """A resolved, validated configuration. Defaults come from `SETTINGS` (`default_of`).
 
-    Built directly, give `control_api_base` (one URL, or several comma-joined) or
-    `control_api_bases`; the other is derived.
+    Built directly, give `control_api_bases` (a sequence of URLs, at least one);
+    `control_api_base`, their comma-joined text, is derived from it.
     """
 
     node_id: str
     host: str = default_of("host")
     role: str = default_of("role")
-    control_api_base: str = ""  # the URLs of control_api_bases, comma-joined
-    control_api_bases: tuple[str, ...] = ()
+    control_api_bases: tuple[str, ...]
     local_api_base: str | None = None
     shared_token: str | None = field(default=None, repr=False)
     shared_token_file: str | None = None
@@ -872,21 +867,18 @@ class Config:
     node_id_defaulted: bool = False
 
     def __post_init__(self) -> None:
-        bases = tuple(self.control_api_bases)
-        if bases and self.control_api_base and self.control_api_base != ",".join(bases):
-            raise ValueError(
-                f"control_api_base {self.control_api_base!r} and control_api_bases {bases!r}"
-                " disagree; give one of them"
-            )
-        if not bases:
-            bases = tuple(url.strip() for url in self.control_api_base.split(",") if url.strip())
-        if not bases:
-            raise TypeError("Config needs control_api_base or control_api_bases")
-        joined = ",".join(bases)
-        object.__setattr__(self, "control_api_bases", bases)
-        object.__setattr__(self, "control_api_base", joined)
+        if isinstance(self.control_api_bases, str):  # its characters are no list of URLs
+            raise TypeError("Config.control_api_bases is a sequence of URLs, not a string")
+        object.__setattr__(self, "control_api_bases", tuple(self.control_api_bases))
+        if not self.control_api_bases:
+            raise TypeError("Config needs at least one URL in control_api_bases")
         if self.exec_argv is not None:
             object.__setattr__(self, "exec_argv", tuple(self.exec_argv))
+
+    @property
+    def control_api_base(self) -> str:
+        """The URLs of `control_api_bases`, comma-joined (as `--control-api-base` takes them)."""
+        return ",".join(self.control_api_bases)
 
     @property
     def has_shared_token(self) -> bool:

@@ -23,27 +23,24 @@ This module asks each URL what it is, for `diagnose` and for the daemon's one lo
 - they see different leases: not shared, unless the lease changed between the reads, so the
   reads are made once more before concluding.
 
-These are diagnostics' reads: GETs only, nothing here sends a lease or heartbeat call. The HTTP
-policy is the client's (no proxies from the environment, no redirects, no retries, bodies
-capped), written for GET here because `ControlApiClient` sends only the three POSTs.
+These are diagnostics' reads: GETs only, nothing here sends a lease or heartbeat call. They go
+through `ControlApiClient.get` (a client of their own, not the daemon's: its call counts and
+URL in use stay the lease loop's), so the transport, the deadline, the body cap, the §4 texts
+and the redaction are the client's.
 """
 
 from __future__ import annotations
 
-import http.client
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Final
 
 import gevent
-import requests
 
-from conductord import __version__
-from conductord.client import describe_transport_error
-from conductord.redact import redact, safe_text
-from conductord.wire import ControlApiError, parse_envelope
+from conductord.client import ControlApiClient
+from conductord.redact import server_text
+from conductord.wire import ControlApiError
 
 __all__ = [
     "HEALTHZ_PATH",
@@ -59,8 +56,6 @@ __all__ = [
 
 HEALTHZ_PATH: Final = "/healthz"
 LEADER_PATH: Final = "/v1/leader"
-_MAX_BODY_BYTES: Final = 1024 * 1024
-_BODY_PREVIEW_CHARS: Final = 200  # §4 rule 2
 _TEXT_CHARS: Final = 1000
 _SETTING: Final = "--control-api-base / BAA_CONTROL_API_BASE"
 
@@ -84,145 +79,32 @@ class EndpointCheck:
         return asdict(self)
 
 
-def _session() -> requests.Session:
-    session = requests.Session()
-    session.trust_env = False  # no proxies or ~/.netrc from the environment, as the client
-    session.headers.clear()
-    session.headers.update(
-        {"accept": "application/json", "user-agent": f"conductord/{__version__}"}
-    )
-    return session
-
-
-def _get(
-    session: requests.Session, base_url: str, path: str, *, token: str | None, timeout_ms: int
-) -> Any:
-    """GET `base_url + path`; the answer's `data`, or a `ControlApiError` with the §4 text."""
-    secrets = (token,) if token else ()
-    headers = {"authorization": f"Bearer {token}"} if token else {}
-    timer = gevent.Timeout(timeout_ms / 1000)
-    try:
-        with timer:
-            # Through the adapter, as the client does: `Session.send` would read a redirect's
-            # body whole (past the cap) just to look at it.
-            request = session.prepare_request(
-                requests.Request("GET", base_url + path, headers=headers)
-            )
-            response = session.get_adapter(request.url).send(
-                request,
-                stream=True,
-                timeout=(timeout_ms / 1000, timeout_ms / 1000),
-                verify=session.verify,
-                cert=session.cert,
-                proxies={},
-            )
-            with response:
-                raw = _read_capped(response)
-    except gevent.Timeout as fired:
-        if fired is not timer:
-            raise
-        raise ControlApiError(
-            f"Control API {path}: timed out after {timeout_ms} ms", path=path
-        ) from None
-    except requests.Timeout:
-        raise ControlApiError(
-            f"Control API {path}: timed out after {timeout_ms} ms", path=path
-        ) from None
-    except (requests.RequestException, OSError, http.client.HTTPException) as exc:
-        detail = _server_text(" ".join(describe_transport_error(exc).split()), secrets)
-        raise ControlApiError(
-            f"Control API {path}: connection failed: {detail}", path=path
-        ) from None
-    return _interpret(path, response.status_code, response.reason or "", raw, secrets)
-
-
-def _read_capped(response: requests.Response) -> bytes:
-    """The body, at most one byte past the cap (enough to tell it is too large)."""
-    chunks: list[bytes] = []
-    total = 0
-    while total <= _MAX_BODY_BYTES:
-        chunk = response.raw.read(min(64 * 1024, _MAX_BODY_BYTES + 1 - total))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-    return b"".join(chunks)
-
-
-def _server_text(text: str, secrets: Sequence[str], limit: int = _BODY_PREVIEW_CHARS) -> str:
-    """Redact first, then cut (a cut made first could leave a piece of the token)."""
-    cleaned = redact(safe_text(text), secrets)
-    return cleaned if len(cleaned) <= limit else cleaned[:limit]
-
-
-def _interpret(path: str, status: int, reason: str, raw: bytes, secrets: Sequence[str]) -> Any:
-    """§4 rules 1–3, as the client applies them to its POSTs."""
-    ok = 200 <= status < 300
-    if ok and len(raw) > _MAX_BODY_BYTES:
-        raise ControlApiError(
-            f"Control API {path}: response body larger than {_MAX_BODY_BYTES} bytes",
-            path=path,
-            status=status,
-        )
-    empty = not raw.strip()
-    payload: Any = None
-    parsed = False
-    if not empty:
-        try:
-            payload, parsed = json.loads(raw.decode("utf-8-sig")), True
-        except (ValueError, RecursionError):
-            parsed = False
-    envelope = parse_envelope(payload) if parsed else None
-    if ok:
-        if empty:
-            return None
-        if not parsed:
-            raise ControlApiError(
-                f"Control API returned invalid JSON for {path}.", path=path, status=status
-            )
-        if envelope is None:
-            return payload
-        if envelope.ok:
-            return envelope.data
-        prefix = f"Control API {path}: "
-    elif envelope is not None and not envelope.ok:
-        prefix = f"Control API {status} {path}: "
-    else:
-        if empty:
-            detail = safe_text(reason) or http.client.responses.get(status, "Unknown")
-        else:
-            detail = _server_text(raw.decode("utf-8", "replace").strip(), secrets)
-        raise ControlApiError(f"Control API {status} {path}: {detail}", path=path, status=status)
-    error = _server_text(envelope.error, secrets, _TEXT_CHARS)
-    message = _server_text(envelope.message, secrets, _TEXT_CHARS)
-    raise ControlApiError(f"{prefix}{error}: {message}", path=path, status=status, code=error)
-
-
 def _store_of(data: Any) -> str | None:
     store = data.get("store") if isinstance(data, dict) else None
     # Shown as it is only when it is one we know; anything else is a server's text.
     if store in ("sqlite", "postgresql"):
         return store
-    return _server_text(store, (), 40) if isinstance(store, str) and store else None
+    return server_text(store, (), 40) if isinstance(store, str) and store else None
 
 
-def _check_one(base_url: str, *, token: str | None, timeout_ms: int) -> EndpointCheck:
+def _healthz(client: ControlApiClient, base_url: str) -> Any:
+    """`GET /healthz` of one URL, without the token (it needs none)."""
+    return client.get(HEALTHZ_PATH, base_url=base_url, authorized=False)
+
+
+def _check_one(client: ControlApiClient, base_url: str, token: str | None) -> EndpointCheck:
     began = time.monotonic()
     check = EndpointCheck(base_url)
-    with _session() as session:
-        try:
-            health = _get(session, base_url, HEALTHZ_PATH, token=None, timeout_ms=timeout_ms)
-            check = replace(check, reachable=True, store=_store_of(health))
-            check = _read_lease(session, check, token=token, timeout_ms=timeout_ms)
-        except ControlApiError as err:
-            check = replace(check, error=str(err))
+    try:
+        check = replace(check, reachable=True, store=_store_of(_healthz(client, base_url)))
+        check = _read_lease(client, check, token)
+    except ControlApiError as err:
+        check = replace(check, error=str(err))
     return replace(check, duration_ms=round((time.monotonic() - began) * 1000, 1))
 
 
-def _read_lease(
-    session: requests.Session, check: EndpointCheck, *, token: str | None, timeout_ms: int
-) -> EndpointCheck:
-    data = _get(session, check.base_url, LEADER_PATH, token=token, timeout_ms=timeout_ms)
+def _read_lease(client: ControlApiClient, check: EndpointCheck, token: str | None) -> EndpointCheck:
+    data = client.get(LEADER_PATH, base_url=check.base_url)
     lease = data.get("lease") if isinstance(data, dict) else None
     if not isinstance(lease, dict):
         return replace(check, lease_read=True, term=None, holder_id=None, lease_live=None)
@@ -235,7 +117,7 @@ def _read_lease(
         lease_read=True,
         term=term if isinstance(term, int) and not isinstance(term, bool) else None,
         # A server's text: a holder id could even be the token (redacted like a log line).
-        holder_id=_server_text(holder, secrets, _TEXT_CHARS) if isinstance(holder, str) else None,
+        holder_id=server_text(holder, secrets, _TEXT_CHARS) if isinstance(holder, str) else None,
         lease_live=live if isinstance(live, bool) else None,
     )
 
@@ -256,24 +138,26 @@ def check_endpoints(
     """Check every URL (see the module docstring); a JSON-ready section for `diagnose`:
     `base_urls`, `in_use`, `endpoints` (one `EndpointCheck` dict each, in the given order),
     `shared_store` (True, False or None: cannot tell), `shared_store_detail`, `warnings`."""
-    checks = _all_at_once(lambda url: _check_one(url, token=token, timeout_ms=timeout_ms), urls)
-    shared, detail = judge(checks)
-    on_sqlite = any(c.store == "sqlite" for c in checks)
-    if shared is False and not on_sqlite:
-        # Perhaps the lease changed between the reads (a grant, a takeover): read once more.
-        def again(check: EndpointCheck) -> EndpointCheck:
-            with _session() as session:
+    with ControlApiClient(urls, token=token, timeout_ms=timeout_ms) as client:
+        urls = client.base_urls  # as the client spells them (no trailing /)
+        checks = _all_at_once(lambda url: _check_one(client, url, token), urls)
+        shared, detail = judge(checks)
+        on_sqlite = any(c.store == "sqlite" for c in checks)
+        if shared is False and not on_sqlite:
+            # Perhaps the lease changed between the reads (a grant, a takeover): read again.
+            def again(check: EndpointCheck) -> EndpointCheck:
                 try:
-                    return _read_lease(session, check, token=token, timeout_ms=timeout_ms)
+                    return _read_lease(client, check, token)
                 except ControlApiError as err:
                     return replace(check, lease_read=False, error=str(err))
 
-        readable = {c.base_url for c in checks if c.lease_read}
-        by_url = {c.base_url: c for c in checks}
-        reread = _all_at_once(lambda url: again(by_url[url]), [u for u in urls if u in readable])
-        by_url.update({c.base_url: c for c in reread})
-        checks = [by_url[url] for url in urls]
-        shared, detail = judge(checks)
+            readable = {c.base_url for c in checks if c.lease_read}
+            by_url = {c.base_url: c for c in checks}
+            rereads = [u for u in urls if u in readable]
+            reread = _all_at_once(lambda url: again(by_url[url]), rereads)
+            by_url.update({c.base_url: c for c in reread})
+            checks = [by_url[url] for url in urls]
+            shared, detail = judge(checks)
     checks = [replace(c, in_use=c.base_url == in_use) for c in checks]
     warnings = sqlite_warnings(checks)
     if shared is False and not warnings:
@@ -335,15 +219,16 @@ def sqlite_warnings(checks: Sequence[EndpointCheck]) -> list[str]:
 def store_kinds(urls: Sequence[str], *, timeout_ms: int) -> list[EndpointCheck]:
     """`GET /healthz` of every URL at once: reachable and store kind only."""
 
-    def one(url: str) -> EndpointCheck:
-        with _session() as session:
+    with ControlApiClient(urls, timeout_ms=timeout_ms) as client:
+
+        def one(url: str) -> EndpointCheck:
             try:
-                health = _get(session, url, HEALTHZ_PATH, token=None, timeout_ms=timeout_ms)
+                health = _healthz(client, url)
             except ControlApiError as err:
                 return EndpointCheck(url, error=str(err))
-        return EndpointCheck(url, reachable=True, store=_store_of(health))
+            return EndpointCheck(url, reachable=True, store=_store_of(health))
 
-    return _all_at_once(one, urls)
+        return _all_at_once(one, client.base_urls)
 
 
 def warn_about_stores(runtime: Any) -> gevent.Greenlet | None:

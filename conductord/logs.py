@@ -25,7 +25,7 @@ from typing import IO, Any
 
 import structlog
 
-from conductord.redact import clean, safe_text
+from conductord.redact import clean, safe_str
 
 LEVELS = ("debug", "info", "warning", "error")
 
@@ -36,13 +36,6 @@ def _leading_keys_first(_logger: Any, _name: str, event_dict: dict[str, Any]) ->
     ordered = {key: event_dict.pop(key) for key in _LEADING_KEYS if key in event_dict}
     ordered.update(event_dict)
     return ordered
-
-
-def _safe_str(value: Any) -> str:
-    try:
-        return safe_text(str(value))
-    except Exception:
-        return f"<unprintable {type(value).__name__}>"
 
 
 class _Sanitizer:
@@ -57,10 +50,10 @@ class _Sanitizer:
 
 def _dumps(obj: Any, **kwargs: Any) -> str:
     try:
-        return json.dumps(obj, default=_safe_str, separators=(",", ":"), ensure_ascii=False)
+        return json.dumps(obj, default=safe_str, separators=(",", ":"), ensure_ascii=False)
     except Exception as exc:  # the line is still written, naming what went wrong
-        fallback = {key: _safe_str(obj.get(key)) for key in _LEADING_KEYS if key in obj}
-        fallback["log_error"] = f"{type(exc).__name__}: {_safe_str(exc)}"
+        fallback = {key: safe_str(obj.get(key)) for key in _LEADING_KEYS if key in obj}
+        fallback["log_error"] = f"{type(exc).__name__}: {safe_str(exc)}"
         return json.dumps(fallback, separators=(",", ":"), ensure_ascii=False)
 
 

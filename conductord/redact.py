@@ -17,6 +17,14 @@ of the text when something does.
 `safe_text(text)` replaces lone surrogates (a JSON string may carry `"\\ud800"`, which cannot
 be encoded as UTF-8) by U+FFFD, so a server's string can be logged, served and printed.
 
+`server_text(text, secrets, limit)` is a server's text made printable: valid, redacted, then
+cut to `limit` characters (looking a little beyond the cut, so redaction sees what it cuts).
+
+`safe_str(value)` is `str(value)` made valid, or a placeholder when `str()` raises.
+
+A secret's windows are built once (a small cache keyed by the secret), not once per string:
+the log sanitizer redacts every string of every line.
+
 `clean(document, secrets)` is both at once for a whole JSON-like document: every string
 (keys included) made valid and redacted, every value made JSON-safe. Everything the node
 writes or serves goes through it: log lines, `/v1/status` and the other status bodies, the
@@ -26,15 +34,17 @@ cannot get it printed either.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["MASK", "MIN_PIECE", "clean", "redact", "safe_text"]
+__all__ = ["MASK", "MIN_PIECE", "clean", "redact", "safe_str", "safe_text", "server_text"]
 
 MASK = "***"
 MIN_PIECE = 8
+_CUT_SLACK = 1024  # characters looked at beyond a cut, so redaction sees what the cut leaves
 _MAX_DEPTH = 32  # deeper values become their str(); a cycle ends here too
 _JSON_KEYS = (str, int, float, bool, type(None))
 
@@ -68,8 +78,14 @@ def redact(text: str, secrets: Iterable[str | None], min_piece: int = MIN_PIECE)
     return text
 
 
+@functools.lru_cache(maxsize=16)
+def _windows(secret: str, size: int) -> frozenset[str]:
+    """Every `size`-character window of `secret`: built once per secret, not per string."""
+    return frozenset(secret[i : i + size] for i in range(len(secret) - size + 1))
+
+
 def _mask_pieces(text: str, secret: str, size: int) -> str:
-    windows = {secret[i : i + size] for i in range(len(secret) - size + 1)}
+    windows = _windows(secret, size)
     if not any(window in text for window in windows):
         return text
     covered_until = -1  # the text is covered up to (excluding) this index
@@ -92,7 +108,17 @@ def _mask_pieces(text: str, secret: str, size: int) -> str:
     return "".join(parts)
 
 
-def _safe_str(value: Any) -> str:
+def server_text(text: str, secrets: Iterable[str | None], limit: int) -> str:
+    """A server's `text`, valid Unicode and redacted, then cut to `limit` characters.
+
+    Redacted before the cut (a cut made first could leave a piece of the token at the end);
+    only `limit` + 1024 characters are looked at, so a runaway text costs little.
+    """
+    return redact(safe_text(text[: limit + _CUT_SLACK]), secrets)[:limit]
+
+
+def safe_str(value: Any) -> str:
+    """`str(value)` as valid Unicode; a placeholder naming the type when `str()` raises."""
     try:
         return safe_text(str(value))
     except Exception:
@@ -117,13 +143,13 @@ def clean(value: Any, secrets: Iterable[str | None] = (), *, _depth: int = 0) ->
         if depth < _MAX_DEPTH:
             if isinstance(item, dict):
                 return {
-                    walk(k, depth + 1) if isinstance(k, _JSON_KEYS) else text(_safe_str(k)): walk(
+                    walk(k, depth + 1) if isinstance(k, _JSON_KEYS) else text(safe_str(k)): walk(
                         v, depth + 1
                     )
                     for k, v in item.items()
                 }
             if isinstance(item, list | tuple | set | frozenset):
                 return [walk(v, depth + 1) for v in item]
-        return text(_safe_str(item))
+        return text(safe_str(item))
 
     return walk(value, _depth)

@@ -16,9 +16,10 @@ Design (SPEC §5, §8):
 - Instance identity (SPEC §15): every call carries this process's instance id
   (`conductord.identity`); an answer naming our node id held by another instance keeps us
   standby (`lease.identity_conflict`). A one-shot run (`--run-once`, `diagnose`) has a fresh
-  instance and releases on its way out only a term it was granted itself (operation
-  `acquire`), so it can never end the lease of a running daemon, even against a server that
-  ignores instances (which answers such a call with `renew`).
+  instance and releases on its way out only a term the server said it granted (an explicit
+  `"operation": "acquire"`, `AcquireResult.granted`), so it can never end the lease of a
+  running daemon, even against a server that ignores instances: such a server answers it
+  `renew`, or says no operation at all, and then the run leaves the lease to expire.
 - A loop that raises is a bug: `link_exception` logs `conductor.crashed` and stops the daemon
   (exit 1) rather than leaving a node that looks alive but no longer renews.
 - Leader-only work (SPEC §14) begins only after the start sequence (`begin_work`, after
@@ -236,7 +237,8 @@ class Runtime:
         self._loops: dict[str, gevent.Greenlet] = {}
         self._deadline_timer: gevent.Greenlet | None = None
         self._deadline_moved = Event()
-        self._granted_terms: set[int] = set()  # terms this process was granted (operation acquire)
+        # Terms the server said it granted this process (an explicit operation "acquire").
+        self._granted_terms: set[int] = set()
         self._conflict_logged: tuple[str | None, float] | None = None
         self._stop_requested = Event()
         self._long_polled = False  # the last lease cycle asked the server to wait
@@ -410,8 +412,8 @@ class Runtime:
         released: dict[str, Any] | None = None
         term = self.machine.held_term
         if term is not None and self.one_shot and term not in self._granted_terms:
-            # Not granted to this run (the server said renew: the lease is a running
-            # daemon's, under a server that ignores instances). Never end it.
+            # Not granted to this run (the server said renew, or no operation: the lease may
+            # be a running daemon's, under a server that ignores instances). Never end it.
             self.log.info("lease.release_skipped", term=term, reason="not_granted_to_this_run")
             term = None
         if term is not None and not group_gone:
@@ -520,7 +522,8 @@ class Runtime:
             self._long_polled = long_poll
         self._renew_streak.succeeded()
         self.last_renew_at = self.wall()
-        if result.is_leader and result.operation == "acquire":
+        if result.is_leader and result.granted:
+            # Only the server's own "acquire": a missing `operation` is no proof (wire.py).
             self._granted_terms.add(result.term)
         self._apply(m.lease_succeeded(result, sent_at=sent_at, now=self.clock()))
         if result.instance_conflict:

@@ -144,6 +144,11 @@ class AcquireResult:
     # The holder is this controller id but another instance of it: a copied config or a
     # second process. Never leader then, whatever `is_leader` said.
     instance_conflict: bool = False
+    # The server said `"operation": "acquire"` itself. `operation` is "acquire" by §4 rule 5's
+    # default when the server says nothing, which proves no grant: a server that ignores
+    # instances and omits `operation` answers a one-shot run beside the leader with the
+    # leader's own lease. Only an explicit grant lets a one-shot run release (SPEC §15).
+    granted: bool = False
 
 
 @dataclass(frozen=True)
@@ -485,16 +490,17 @@ def parse_acquire_result(
         lease=_lease_record(loaded.get("lease"), {**top, "holder_instance_id": holder_instance}),
         holder_instance_id=holder_instance,
         instance_conflict=conflict,
+        granted=loaded.get("operation") == "acquire",
     )
 
 
 def acquire_result_to_wire(result: AcquireResult) -> dict[str, Any]:
     """The acquire answer's `data`, snake_case with the nested lease record.
 
-    `instance_conflict` is the client's reading of an answer, not a wire field.
+    `instance_conflict` and `granted` are the client's reading of an answer, not wire fields.
     """
     data = dataclasses.asdict(result)
-    del data["instance_conflict"]
+    del data["instance_conflict"], data["granted"]
     return data
 
 

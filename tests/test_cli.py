@@ -227,6 +227,46 @@ def test_not_implemented_only_when_the_module_itself_is_missing(capsys) -> None:
         cli._load("no_such_package.sub", "main", "thing")
 
 
+def pieces_of_the_token(text: str) -> list[str]:
+    """Every piece of TOKEN of 8 characters that occurs in `text` (SPEC §3)."""
+    windows = {TOKEN[i : i + 8] for i in range(len(TOKEN) - 7)}
+    return sorted(window for window in windows if window in text)
+
+
+def test_no_piece_of_the_token_in_any_error_line_or_output(capsys, monkeypatch) -> None:
+    env = {**BASE, "BAA_SHARED_TOKEN": TOKEN}
+    # A cut token pasted where a command, an argument or a setting goes.
+    code, out, err = run_main(capsys, [TOKEN[2:12]], env)
+    assert (code, out) == (2, "")
+    assert err.startswith('conductord: error: unknown command "***" (commands: ')
+    code, out, err = run_main(capsys, ["config", "--shared-token", TOKEN, TOKEN[:-3]], {})
+    assert (code, out, err) == (2, "", 'conductord: error: unexpected argument "***"\n')
+    code, out, err = run_main(capsys, ["config", "--priority", f"x{TOKEN[5:]}"], env)
+    assert (code, out) == (2, "")
+    assert err == (
+        "conductord: error: --priority / BAA_CONDUCTOR_PRIORITY must be an integer >= 0"
+        ' (got "x***")\n'
+    )
+    code, out, err = run_main(capsys, ["config", "--node-id", f"n-{TOKEN[1:11]}"], env)
+    assert code == 0 and "node_id: n-***" in out
+    code, out, _ = run_main(capsys, ["config", "--json", "--host", f"h{TOKEN[:9]}"], env)
+    assert code == 0 and json.loads(out)["host"] == "h***"
+
+    # The unexpected-error line quotes the exception's text: redacted too, and made printable.
+    def broken(_argv):
+        raise RuntimeError(f"boom {TOKEN[4:]} \ud800")
+
+    monkeypatch.setattr(cli, "_cmd_checklist", broken)
+    code, out, err = run_main(capsys, ["checklist"], env)
+    assert (code, out, err) == (
+        1,
+        "",
+        "conductord: error: unexpected RuntimeError: boom *** \ufffd\n",
+    )
+    for text in (out, err):
+        assert pieces_of_the_token(text) == []
+
+
 # --- subprocesses -----------------------------------------------------------------------------
 
 

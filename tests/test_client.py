@@ -21,7 +21,14 @@ from pathlib import Path
 import pytest
 
 from conductord import __version__
-from conductord.client import MAX_BODY_BYTES, OUTCOMES, ControlApiClient, ControlApiError
+from conductord.client import (
+    MAX_BODY_BYTES,
+    OUTCOMES,
+    ControlApiClient,
+    ControlApiError,
+    TransportError,
+    capped_get,
+)
 from conductord.wire import (
     AcquireResult,
     Heartbeat,
@@ -604,7 +611,7 @@ PATCHED_SCRIPT = textwrap.dedent(
 
     import json, sys, time
     import gevent
-    from conductord.client import ControlApiClient, ControlApiError
+    from conductord.client import ControlApiClient, ControlApiError, TransportError, capped_get
     from conductord.wire import Heartbeat
 
     spec = json.loads(sys.argv[1])
@@ -615,6 +622,13 @@ PATCHED_SCRIPT = textwrap.dedent(
         try:
             if name == "heartbeat":
                 api.heartbeat(Heartbeat(controller_id="a", host="h", status="standby"))
+            elif name == "get":
+                api.get("/v1/leader")
+            elif name == "capped_get":
+                try:
+                    capped_get(spec["urls"][0] + "/v1/status", timeout_ms=spec["timeout_ms"])
+                except TransportError as err:
+                    raise ControlApiError(f"{err.kind}: {err.detail}", path="") from None
             else:
                 api.acquire_leader_lease(
                     controller_id="mini-main", host="mini", ttl_sec=30, preferred=True, now=100
@@ -641,7 +655,8 @@ PATCHED_SCRIPT = textwrap.dedent(
 def run_patched(
     urls: list[str], groups: list[list[str]], *, timeout_ms: int, stagger: float = 0.0
 ) -> dict:
-    """Run calls ("heartbeat" or "acquire") through a monkey-patched client in a subprocess."""
+    """Run calls ("heartbeat", "acquire", "get" or "capped_get") through a monkey-patched
+    client in a subprocess."""
     spec = {"urls": urls, "groups": groups, "timeout_ms": timeout_ms, "stagger": stagger}
     run = subprocess.run(
         [sys.executable, "-c", PATCHED_SCRIPT, json.dumps(spec)],
@@ -992,3 +1007,119 @@ def test_a_wait_above_the_wire_limit_is_cut_to_it(server, client):
     server.default(ACQUIRE, ok(SEED_DATA))
     acquire(client, wait_ms=90_000)
     assert server.requests[0].json["wait_ms"] == 60_000
+
+
+# -- GETs: the same transport (SPEC §18) -------------------------------------------------------
+
+
+LEADER = "/v1/leader"
+
+
+def test_get_is_a_plain_get_with_the_clients_headers(server):
+    server.default(LEADER, ok({"lease": None, "is_live": False}))
+    server.default("/v1/leader/history", ok({"entries": []}))
+    server.default("/healthz", Reply(200, {"status": "ok"}))  # other JSON is the data
+    with ControlApiClient(server.url, token=TOKEN, timeout_ms=2000) as api:
+        assert api.get(LEADER) == {"lease": None, "is_live": False}
+        assert api.get("/v1/leader/history", params={"limit": 10}) == {"entries": []}
+        assert api.get("/healthz", authorized=False) == {"status": "ok"}
+        assert api.call_counts() == {(server.url, o): 0 for o in OUTCOMES}  # POSTs' only
+    leader, history, health = server.requests
+    assert (leader.method, leader.path, leader.body) == ("GET", LEADER, b"")
+    assert leader.headers["authorization"] == f"Bearer {TOKEN}"
+    assert leader.headers["accept"] == "application/json"
+    assert leader.headers["user-agent"] == f"conductord/{__version__}"
+    assert "content-type" not in leader.headers  # no body, no type
+    assert history.path == "/v1/leader/history?limit=10"
+    assert "authorization" not in health.headers
+    assert leader.connection == history.connection == health.connection  # one keep-alive pool
+
+
+def test_get_asks_the_url_it_is_given_and_moves_nothing(server, second):
+    refused = f"http://127.0.0.1:{closed_port()}"
+    second.default(LEADER, ok({"term": 1}))
+    with ControlApiClient([refused, second.url], timeout_ms=2000) as api:
+        err = failure(api.get, LEADER)  # the URL in use; a GET never moves on by itself
+        assert str(err) == "Control API /v1/leader: connection failed: Connection refused"
+        assert api.get(LEADER, base_url=second.url + "/") == {"term": 1}
+        assert api.base_url == refused  # the POSTs' URL is theirs to move
+        assert not counts(api)
+        with pytest.raises(ValueError):
+            api.get(LEADER, base_url="http://127.0.0.1:1")
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected", "status"),
+    [
+        (
+            Reply(401, {"ok": False, "request_id": "r", "error": "unauthorized", "message": "no"}),
+            "Control API 401 /v1/leader: unauthorized: no",
+            401,
+        ),
+        (Reply(404, b""), "Control API 404 /v1/leader: Not Found", 404),
+        (Reply(502, "<html>" + "x" * 300), "Control API 502 /v1/leader: <html>" + "x" * 194, 502),
+        (Reply(200, "nope"), "Control API returned invalid JSON for /v1/leader.", 200),
+        (
+            Reply(200, {"ok": False, "request_id": "r", "error": "e", "message": "m"}),
+            "Control API /v1/leader: e: m",
+            200,
+        ),
+        (
+            Reply(200, b"[" + b" " * MAX_BODY_BYTES + b"]"),
+            f"Control API /v1/leader: response body larger than {MAX_BODY_BYTES} bytes",
+            200,
+        ),
+        (Reply(hang=True), "Control API /v1/leader: timed out after 300 ms", None),
+        (Reply(reset=True), "Control API /v1/leader: connection failed: ", None),
+    ],
+    ids=["401", "404-empty", "html-502", "not-json", "2xx-error", "too-large", "hang", "reset"],
+)
+def test_get_answers_by_the_spec_4_rules(server, reply, expected, status):
+    server.default(LEADER, reply)
+    with ControlApiClient(server.url, timeout_ms=300) as api:
+        err = failure(api.get, LEADER, params={"limit": 3})  # {path} is without the query
+    assert str(err).startswith(expected) and (str(err) == expected or expected.endswith(": "))
+    assert err.status == status
+
+
+def test_get_redacts_a_server_echoing_pieces_of_the_token(server):
+    message = f"who is {TOKEN[3:17]}? " + "m" * 990 + TOKEN
+    server.script(
+        LEADER,
+        Reply(403, {"ok": False, "request_id": "r", "error": "forbidden", "message": message}),
+        Reply(500, f"Bearer {TOKEN[:-4]}"),
+    )
+    with ControlApiClient(server.url, token=TOKEN) as api:
+        first, second = (str(failure(api.get, LEADER)) for _ in range(2))
+    assert first.startswith("Control API 403 /v1/leader: forbidden: who is ***? mmm")
+    assert second == "Control API 500 /v1/leader: Bearer ***"
+    assert not token_pieces(first + second)
+
+
+def test_get_and_capped_get_are_cut_at_the_whole_call_deadline(server):
+    # A byte every 50 ms keeps every read within its timeout: only the gevent.Timeout ends it.
+    trickle = Reply(200, success_envelope({"x": "y" * 200}, "r"), trickle=True)
+    server.default(LEADER, trickle).default("/v1/status", trickle)
+    results = run_patched([server.url], [["get"], ["capped_get"]], timeout_ms=400)["results"]
+    [[(got, got_s)], [(capped, capped_s)]] = results
+    assert got == "Control API /v1/leader: timed out after 400 ms"
+    assert capped == "timeout: timed out"
+    assert got_s < 4 and capped_s < 4
+
+
+def test_capped_get_reads_any_endpoint_with_the_clients_policy(server, monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # never consulted
+    server.default("/v1/status", Reply(200, {"daemon": {}}))
+    server.default("/big", Reply(200, b" " * (MAX_BODY_BYTES + 1)))
+    server.default("/page", Reply(503, b"x" * (MAX_BODY_BYTES + 10)))
+    answer = capped_get(server.url + "/v1/status", timeout_ms=1000)
+    assert (answer.status, answer.reason, answer.json()) == (200, "OK", (True, {"daemon": {}}))
+    assert server.requests[-1].headers["accept"] == "application/json"
+    with pytest.raises(TransportError) as info:
+        capped_get(server.url + "/big", timeout_ms=1000)
+    assert (info.value.kind, info.value.status) == ("too_large", 200)
+    page = capped_get(server.url + "/page", timeout_ms=1000)  # an error page is cut, not refused
+    assert page.status == 503 and len(page.body) == MAX_BODY_BYTES + 1
+    with pytest.raises(TransportError) as info:
+        capped_get(f"http://127.0.0.1:{closed_port()}/v1/status", timeout_ms=1000)
+    assert (info.value.kind, info.value.detail) == ("refused", "Connection refused")

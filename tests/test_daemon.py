@@ -308,6 +308,56 @@ def test_run_once_prints_the_snapshot_and_exits_by_lease_state(fake, mode, expec
     assert released == (1 if mode == "grant" else 0)
 
 
+ONE_SHOTS = {
+    "diagnose": [sys.executable, "-m", "conductord", "diagnose", "--json"],
+    "run_once.py": [sys.executable, "scripts/run_once.py", "--json"],
+    "start --run-once": [sys.executable, "-m", "conductord", "start", "--run-once"],
+}
+
+
+def test_one_shot_runs_release_only_a_term_the_server_said_it_granted(fake):
+    # A seed-like server: it ignores instance_id and names no operation. Beside the running
+    # leader, a one-shot run with the leader's settings is answered with the leader's own
+    # lease; §4's default reads that as "acquire", which proves no grant (SPEC §15).
+    fake.omit_operation = True
+    with DaemonProcess(node_args(fake.server)) as leader:
+        granted = leader.transition_to("leader")
+        for name, command in ONE_SHOTS.items():
+            done = subprocess.run(
+                [*command, *node_args(fake.server)],
+                capture_output=True,
+                text=True,
+                env=clean_env(),
+                timeout=30,
+            )
+            assert done.returncode == 0, (name, done.stderr)
+            skipped = [
+                json.loads(line)
+                for line in done.stderr.splitlines()
+                if '"lease.release_skipped"' in line
+            ]
+            if name == "start --run-once":  # its log lines are on stderr
+                assert [e["reason"] for e in skipped] == ["not_granted_to_this_run"]
+        assert fake.server.count("/v1/leader/release") == 0, "a one-shot run ended the lease"
+        assert fake.holder == "mini-main" and fake.term == granted["term"]
+        fake.server.wait_for(lambda: False, 0.5)  # a few renewals more: still the leader
+        assert [e["to_state"] for e in leader.named("lease.transition")] == ["leader"]
+        assert stop_and_check(leader) == 0  # the daemon itself still releases its own lease
+    assert fake.server.count("/v1/leader/release") == 1 and fake.holder is None
+
+    # The cost: without the server's word, a one-shot run leaves even its own fresh grant to
+    # expire. With it (the reference server), the run releases what it took.
+    once = [sys.executable, "-m", "conductord", "start", "--run-once", *node_args(fake.server)]
+    done = subprocess.run(once, capture_output=True, text=True, env=clean_env(), timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert fake.server.count("/v1/leader/release") == 1 and fake.holder == "mini-main"
+    fake.omit_operation = False
+    fake.holder = None
+    done = subprocess.run(once, capture_output=True, text=True, env=clean_env(), timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert fake.server.count("/v1/leader/release") == 2 and fake.holder is None
+
+
 def test_diagnostics_script_reports_each_step(fake):
     result = subprocess.run(
         [sys.executable, "scripts/run_once.py", "--json", *node_args(fake.server)],

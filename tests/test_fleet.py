@@ -18,8 +18,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from conductord.client import MAX_BODY_BYTES
 from tests.support.control_api import ControlApiProcess
 from tests.support.daemon import DaemonProcess, clean_env
+from tests.support.scripted_server import Reply, ScriptedServer
 
 TTL_SEC = "3"
 
@@ -222,3 +224,90 @@ def test_settings_mistakes_are_exit_2(tmp_path):
     assert fleet("--bogus").returncode == 2
     helped = fleet("--help")
     assert helped.returncode == 0 and "exit codes:" in helped.stdout
+
+
+# A backslash, so that the JSON output escapes it: redacting the printed text alone would miss.
+ECHOED = "fleet\\tok-Zq8vK3pW9xLm2-abcdef"
+
+
+def pieces(text: str) -> list[str]:
+    """Every piece of ECHOED of 8 characters in `text`, raw or as JSON writes it (SPEC §3)."""
+    windows = {ECHOED[i : i + 8] for i in range(len(ECHOED) - 7)}
+    escaped = {json.dumps(w)[1:-1] for w in windows}
+    return sorted(w for w in windows | escaped if w in text)
+
+
+def ok(data) -> Reply:
+    return Reply(body={"ok": True, "request_id": "r", "data": data})
+
+
+def test_a_server_echoing_pieces_of_the_token_gets_none_printed():
+    controller = {
+        "controller_id": f"n-{ECHOED[:10]}",
+        "host": ECHOED[3:15],
+        "role": "primary",
+        "status": "leader",
+        "seconds_since_heartbeat": 1.0,
+        "version": ECHOED[:-1],
+        "instance_id": ECHOED[2:20],
+        "duplicate": True,
+        "instances": [{"instance_id": ECHOED[1:], "host": f"h{ECHOED[6:16]}"}],
+    }
+    lease = {"holder_id": ECHOED[1:12], "holder_host": ECHOED[4:16], "term": 2}
+    entry = {
+        "at": 1_700_000_000,
+        "term": 2,
+        "holder_id": ECHOED[5:],
+        "holder_host": "h",
+        "previous_holder_id": ECHOED[:8],
+        "reason": "granted",
+    }
+    with ScriptedServer() as down, ScriptedServer() as server:
+        down.default("/v1/controllers", Reply(503, f"down: {ECHOED[2:14]}"))
+        server.default("/v1/controllers", ok({"controllers": [controller]}))
+        server.default(
+            "/v1/leader",
+            ok(
+                {
+                    "lease": {**lease, "holder_instance_id": ECHOED},
+                    "is_live": True,
+                    "expires_in_sec": 2.5,
+                }
+            ),
+        )
+        server.default("/v1/leader/history", ok({"entries": [entry]}))
+        token = ["--shared-token", ECHOED]
+        table = fleet("--control-api-base", f"{down.url},{server.url}", *token)
+        document = fleet("--json", "--control-api-base", server.url, *token)
+        failed = fleet("--control-api-base", down.url, *token)
+    assert table.returncode == 3, table.stderr  # a duplicate id
+    assert "DUPLICATE node id n-***" in table.stdout
+    assert table.stdout.splitlines()[0] == "fleet: leader *** on ***, term 2, 2.5s left"
+    assert document.returncode == 3, document.stderr
+    shown = json.loads(document.stdout)
+    assert (shown["leader"]["holder_id"], shown["controllers"][0]["host"]) == ("***", "***")
+    assert failed.returncode == 1
+    assert_one_line_error(failed)
+    for result in (table, document, failed):
+        assert pieces(result.stdout + result.stderr) == [], result.stdout + result.stderr
+
+
+def test_each_get_has_a_whole_call_deadline_and_a_body_cap():
+    # One URL trickles its answer a byte every 50 ms (each read is prompt, the whole would take
+    # 10+ s), the other answers more than the client's cap: neither is read whole.
+    slow_body = ok({"controllers": [], "padding": "p" * 200})
+    big_body = ok({"controllers": [], "padding": "x" * MAX_BODY_BYTES})
+    with ScriptedServer() as slow, ScriptedServer() as big:
+        slow.default("/v1/controllers", Reply(slow_body.status, slow_body.body, trickle=True))
+        big.default("/v1/controllers", big_body)
+        began = time.monotonic()
+        result = fleet("--control-api-base", f"{slow.url},{big.url}", "--request-timeout-ms", "500")
+        elapsed = time.monotonic() - began
+        urls = slow.url, big.url
+    assert result.returncode == 1
+    assert assert_one_line_error(result) == (
+        f"conductord: error: no Control API answered: {urls[0]}: Control API /v1/controllers:"
+        f" timed out after 500 ms; {urls[1]}: Control API /v1/controllers: response body"
+        f" larger than {MAX_BODY_BYTES} bytes"
+    )
+    assert elapsed < 8

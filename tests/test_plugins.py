@@ -157,7 +157,7 @@ def test_load_plugins_of_a_resolved_config(plugin_dir: Path) -> None:
     assert plugins.scheduler is sys.modules["acme_resolved"].run
     assert plugins.hooks == Hooks("acme_resolved", load_runs=sys.modules["acme_resolved"].load_runs)
     with pytest.raises(PluginError) as caught:
-        load_plugins(Config(node_id="n", control_api_base="http://x", hooks="acme_unresolved"))
+        load_plugins(Config(node_id="n", control_api_bases=("http://x",), hooks="acme_unresolved"))
     assert caught.value.setting == "hooks"
 
 

@@ -113,3 +113,33 @@ def test_log_lines_hold_no_piece_of_the_token(log_lines):
     log.info("x", exc=RuntimeError(f"boom {TOKEN[2:14]}"))
     assert not pieces(stream.getvalue())
     assert lines()[0]["error"].endswith(MASK)
+
+
+def test_a_secrets_windows_are_built_once_not_per_string():
+    # The log sanitizer redacts every string of every line: one set per secret, not per string.
+    from conductord import redact as module
+
+    module._windows.cache_clear()
+    document = {f"key-{n}": [f"value {n}", f"{TOKEN[n % 9 : n % 9 + 10]}"] for n in range(200)}
+    cleaned = module.clean(document, [TOKEN])
+    assert not pieces(json.dumps(cleaned))
+    info = module._windows.cache_info()
+    assert (info.misses, info.currsize) == (1, 1)
+    assert info.hits >= 400
+
+
+def test_safe_str_is_written_once_and_server_text_redacts_before_the_cut():
+    from conductord import redact as module
+
+    assert not hasattr(logs, "_safe_str")  # logs uses redact.safe_str
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    assert module.safe_str(Unprintable()) == "<unprintable Unprintable>"
+    assert module.safe_str("\ud800x") == "\ufffdx"
+    # The cut falls inside the token: the piece before it is still masked.
+    text = "x" * 190 + TOKEN
+    assert module.server_text(text, [TOKEN], 200) == "x" * 190 + MASK
+    assert module.server_text("\udc00" + "y" * 300, [], 10) == "\ufffd" + "y" * 9

@@ -86,7 +86,7 @@ def make_runtime(client: FakeClient, log: RecordingLog) -> Runtime:
     config = Config(
         node_id="n1",
         host="h",
-        control_api_base="http://127.0.0.1:9",
+        control_api_bases=("http://127.0.0.1:9",),
         heartbeat_interval_ms=20,
         lease_renew_interval_ms=20,
         lease_ttl_sec=5,

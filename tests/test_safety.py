@@ -416,7 +416,7 @@ class _Log:
 def _runtime(client: _RulesClient, lease_clock: _Clock, node_id: str = "mini-main") -> Runtime:
     config = Config(
         node_id=node_id,
-        control_api_base="http://127.0.0.1:9",
+        control_api_bases=("http://127.0.0.1:9",),
         lease_ttl_sec=int(TTL),
         lease_renew_interval_ms=int(RENEW * 1000),
         request_timeout_ms=1000,
@@ -427,7 +427,7 @@ def _runtime(client: _RulesClient, lease_clock: _Clock, node_id: str = "mini-mai
 def test_the_node_judges_its_lease_on_a_clock_that_counts_sleep():
     if sys.platform.startswith("linux"):
         assert lease_clocks.CLOCK_NAME == "CLOCK_BOOTTIME"
-    config = Config(node_id="n", control_api_base="http://127.0.0.1:9")
+    config = Config(node_id="n", control_api_bases=("http://127.0.0.1:9",))
     runtime = Runtime(config, client=_RulesClient(_Clock()), log=_Log())
     assert runtime.clock is lease_clocks.lease_clock
 

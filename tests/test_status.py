@@ -104,7 +104,7 @@ class FakeRuntime:
         self.config = Config(
             node_id=NODE,
             host="mini",
-            control_api_base="http://127.0.0.1:9",
+            control_api_bases=("http://127.0.0.1:9",),
             heartbeat_interval_ms=500,
             lease_renew_interval_ms=1000,
             request_timeout_ms=400,
@@ -310,7 +310,7 @@ def test_healthz_is_503_while_stopping(runtime: FakeRuntime, server: StatusServe
 def test_progress_limits() -> None:
     config = Config(
         node_id=NODE,
-        control_api_base="http://127.0.0.1:9",
+        control_api_bases=("http://127.0.0.1:9",),
         heartbeat_interval_ms=5000,
         lease_renew_interval_ms=2000,
         request_timeout_ms=3000,

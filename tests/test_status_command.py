@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import time
 from typing import Any
 
 import pytest
 
 from conductord import cli
+from conductord.client import MAX_BODY_BYTES
 from conductord.commands import status
 from conductord.commands.status import summary_line
+from tests.support.daemon import clean_env
 from tests.support.scripted_server import Reply, ScriptedServer
 
 NODE = "mini-main"
@@ -142,6 +146,36 @@ def test_status_command_times_out_after_two_seconds(capsys: pytest.CaptureFixtur
     assert (code, out) == (1, "")
     assert err == f"conductord: error: cannot reach {url}: timed out after 2000 ms\n"
     assert 1.9 < elapsed < 10
+
+
+def test_status_command_has_a_whole_call_deadline_and_a_body_cap(capsys) -> None:
+    # A byte every 50 ms keeps each read within its timeout, the whole answer would take 10+ s:
+    # the 2 s bound is on the call (a gevent.Timeout, as `conductord` runs monkey-patched).
+    with ScriptedServer() as node:
+        node.default("/v1/status", Reply(200, snapshot(), trickle=True))
+        began = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "conductord", "status", "--local-api", node.url],
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=60,
+        )
+        elapsed = time.monotonic() - began
+        assert (done.returncode, done.stdout) == (1, "")
+        assert done.stderr == (
+            f"conductord: error: cannot reach {node.url}: timed out after 2000 ms\n"
+        )
+        assert elapsed < 6
+        # A body above the client's cap is not read whole: exit 1, one line.
+        node.default("/v1/status", Reply(200, {**snapshot(), "padding": "x" * MAX_BODY_BYTES}))
+        code, out, err = run_status(capsys, ["--local-api", node.url])
+        url = node.url
+    assert (code, out) == (1, "")
+    assert err == (
+        f"conductord: error: {url}/v1/status did not answer with a conductord status"
+        f" snapshot (response body larger than {MAX_BODY_BYTES} bytes)\n"
+    )
 
 
 @pytest.mark.parametrize(

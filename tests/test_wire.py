@@ -397,6 +397,24 @@ def test_acquire_operation_is_renew_only_when_the_server_says_renew(operation, e
     assert parse(payload).operation == expected
 
 
+@pytest.mark.parametrize(
+    ("operation", "granted"),
+    [("acquire", True), ("renew", False), ("ACQUIRE", False), (7, False), (None, False)],
+)
+def test_granted_only_when_the_server_itself_says_acquire(operation, granted):
+    # SPEC §15: a one-shot run releases only a term granted to it. The §4 default of
+    # `operation` ("acquire" when absent) is for display; it proves no grant.
+    payload = {"holder_id": "mini-main", "term": 1, "lease_expires_at": 5, "operation": operation}
+    result = parse(payload)
+    assert result.granted is granted
+    assert result.operation == ("renew" if operation == "renew" else "acquire")
+    assert "granted" not in acquire_result_to_wire(result)
+    missing = parse({"holder_id": "mini-main", "term": 1, "lease_expires_at": 5})
+    assert (missing.operation, missing.granted) == ("acquire", False)
+    camel = parse({"holderId": "mini-main", "term": 1, "leaseExpiresAt": 5, "operation": "acquire"})
+    assert camel.granted is True
+
+
 def test_acquire_mistyped_optional_fields_fall_back_to_defaults():
     result = parse(
         {

@@ -9,15 +9,17 @@ is shown without it.
 Settings come from the node's own rows (`config.SETTINGS`), so a node's environment works as
 it is: `--control-api-base` / `BAA_CONTROL_API_BASE` (comma-separated, SPEC §17),
 `--shared-token` / `--shared-token-file` / `BAA_SHARED_TOKEN[_FILE]`, and
-`--request-timeout-ms` / `BAA_CONDUCTOR_REQUEST_TIMEOUT_MS` bounding each GET. With several
-URLs the first that answers (all three GETs, each a Control API envelope) is used, in order; a
-401 stops at once, since the URLs share one configuration.
+`--request-timeout-ms` / `BAA_CONDUCTOR_REQUEST_TIMEOUT_MS` bounding each GET as a whole. With
+several URLs the first that answers (all three GETs, each a Control API answer) is used, in
+order; a 401 stops at once, since the URLs share one configuration.
 
 Exit codes: 0 a live leader and no duplicate id; 3 no live leader, or a controller id with two
 instances heartbeating within the last TTL (two processes share one node id); 1 no Control API
 answered, or it refused the token (one line on stderr, no token in it); 2 usage or settings
-error. Like `status`, a plain `requests.Session` with `trust_env` off: no proxy from the
-environment and no `.netrc`, whose entry would replace the bearer header.
+error. The GETs are `ControlApiClient.get`: the client's session (no proxy from the
+environment, no `.netrc`), whole-call deadline, body cap, SPEC §4 texts and redaction. What is
+printed is a server's text: every value is redacted of the token and of every piece of it of 8
+characters or more before it is shown (SPEC §3).
 """
 
 from __future__ import annotations
@@ -31,19 +33,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-import requests
 from marshmallow import Schema, post_load
 
-from conductord import __version__
 from conductord.argparsing import ArgumentParser, UsageError, fail
-from conductord.client import describe_transport_error
-from conductord.config import SETTINGS_BY_NAME, ConfigError, Setting, SettingsTable, scrub
+from conductord.client import ControlApiClient
+from conductord.config import SETTINGS_BY_NAME, ConfigError, Setting, SettingsTable
+from conductord.redact import clean, redact
+from conductord.wire import ControlApiError
 
 __all__ = ["EXIT_NO_LEADER", "HISTORY_SHOWN", "FleetError", "FleetView", "fetch_fleet", "main"]
 
 EXIT_NO_LEADER = 3
 HISTORY_SHOWN = 10
-_JSON = "application/json"
+CONTROLLERS_PATH: Final = "/v1/controllers"
+LEADER_PATH: Final = "/v1/leader"
+HISTORY_PATH: Final = "/v1/leader/history"
 
 _ROWS: Final[tuple[Setting, ...]] = (
     SETTINGS_BY_NAME["control_api_base"],
@@ -133,61 +137,41 @@ class FleetView:
         }
 
 
-def fetch_fleet(
-    bases: Sequence[str], *, token: str | None, timeout_s: float = 5.0
-) -> FleetView:
+def fetch_fleet(bases: Sequence[str], *, token: str | None, timeout_ms: int = 5000) -> FleetView:
     """The fleet as the first of `bases` that answers sees it; raises `FleetError`."""
     problems: list[str] = []
-    with requests.Session() as session:
-        session.trust_env = False
-        session.headers.update({"accept": _JSON, "user-agent": f"conductord/{__version__}"})
-        if token:
-            session.headers["authorization"] = f"Bearer {token}"
-        for base in bases:
+    with ControlApiClient(bases, token=token, timeout_ms=timeout_ms) as client:
+        for base in client.base_urls:
             try:
-                return _fetch_from(session, base, timeout_s)
+                return _fetch_from(client, base)
+            except ControlApiError as err:
+                if err.status == 401:
+                    raise FleetError(
+                        f"{base} refused the token (401 unauthorized): check"
+                        " --shared-token-file / BAA_SHARED_TOKEN_FILE"
+                    ) from None
+                problems.append(f"{base}: {err}")
             except _NoAnswer as exc:
                 problems.append(f"{base}: {exc}")
     raise FleetError("no Control API answered: " + "; ".join(problems))
 
 
-def _fetch_from(session: requests.Session, base: str, timeout_s: float) -> FleetView:
-    controllers = _get(session, base, "/v1/controllers", timeout_s)
-    leader = _get(session, base, "/v1/leader", timeout_s)
-    history = _get(session, base, f"/v1/leader/history?limit={HISTORY_SHOWN}", timeout_s)
+def _fetch_from(client: ControlApiClient, base: str) -> FleetView:
+    controllers = client.get(CONTROLLERS_PATH, base_url=base)
     if not (isinstance(controllers, dict) and isinstance(controllers.get("controllers"), list)):
-        raise _NoAnswer("/v1/controllers is not a Control API answer")
+        raise _NoAnswer(f"{CONTROLLERS_PATH} is not a Control API answer")
+    leader = client.get(LEADER_PATH, base_url=base)
     if not isinstance(leader, dict):
-        raise _NoAnswer("/v1/leader is not a Control API answer")
+        raise _NoAnswer(f"{LEADER_PATH} is not a Control API answer")
+    try:
+        history = client.get(HISTORY_PATH, params={"limit": HISTORY_SHOWN}, base_url=base)
+    except ControlApiError as err:
+        if err.status != 404:  # 404: a Control API that keeps no history (an older server)
+            raise
+        history = None
     entries = history.get("entries") if isinstance(history, dict) else None
     rows = [row for row in controllers["controllers"] if isinstance(row, dict)]
     return FleetView(base, rows, leader, entries if isinstance(entries, list) else None)
-
-
-def _get(session: requests.Session, base: str, path: str, timeout_s: float) -> Any:
-    """The `data` of a success envelope; None for a missing history (404)."""
-    try:
-        response = session.get(base + path, timeout=timeout_s, allow_redirects=False)
-    except requests.Timeout:
-        raise _NoAnswer(f"timed out after {round(timeout_s * 1000)} ms") from None
-    except requests.RequestException as exc:
-        raise _NoAnswer(describe_transport_error(exc)) from None
-    if response.status_code == 401:
-        raise FleetError(
-            f"{base} refused the token (401 unauthorized): check --shared-token-file /"
-            " BAA_SHARED_TOKEN_FILE"
-        )
-    if response.status_code == 404 and path.startswith("/v1/leader/history"):
-        return None
-    if response.status_code != 200:
-        raise _NoAnswer(f"{path} answered HTTP {response.status_code}")
-    try:
-        envelope = response.json()
-    except ValueError:
-        raise _NoAnswer(f"{path} did not answer JSON") from None
-    if not (isinstance(envelope, dict) and envelope.get("ok") is True and "data" in envelope):
-        raise _NoAnswer(f"{path} did not answer a Control API envelope")
-    return envelope["data"]
 
 
 # -- the table --------------------------------------------------------------------------------
@@ -351,15 +335,23 @@ def main(argv: list[str], env: Mapping[str, str]) -> int:
         return 2
     secrets = [settings.token] if settings.token else []
     try:
-        view = fetch_fleet(
-            settings.bases, token=settings.token, timeout_s=settings.timeout_ms / 1000
-        )
+        view = fetch_fleet(settings.bases, token=settings.token, timeout_ms=settings.timeout_ms)
     except FleetError as err:
-        return fail(scrub(str(err), secrets), 1)
+        return fail(clean(str(err), secrets), 1)
+    # Everything shown is a server's text (ids, hosts, versions, history): made valid and
+    # redacted of the token and of every piece of it of 8 characters or more (SPEC §3), value
+    # by value (a JSON escape cannot hide a piece), then the whole text once more (a piece a
+    # table cell was cut from).
+    view = dataclasses.replace(
+        view,
+        controllers=clean(view.controllers, secrets),
+        leader=clean(view.leader, secrets),
+        history=None if view.history is None else clean(view.history, secrets),
+    )
     if options.json:
         text = json.dumps(view.document(), indent=2, ensure_ascii=False)
     else:
         text = render(view)
-    sys.stdout.write(scrub(text, secrets) + "\n")
+    sys.stdout.write(redact(text, secrets) + "\n")
     sys.stdout.flush()
     return 0 if view.healthy else EXIT_NO_LEADER

@@ -1,9 +1,12 @@
 """`conductord status`: read a running node's local status endpoint and summarize it (SPEC §7).
 
-One short GET of `{local_api_base}/v1/status` (2 s), with no proxy and no .netrc: the endpoint
-is on this machine. The URL is checked by the node's own `--local-api` rule, so the command
-cannot be pointed anywhere the node itself would not serve. Prints one logfmt summary line, or
-the whole snapshot with `--json`.
+One short GET of `{local_api_base}/v1/status`, bounded as a whole by 2 s (a `gevent.Timeout`:
+the entry point runs monkey-patched), its body capped like a Control API answer, with no proxy
+and no .netrc: the endpoint is on this machine. The transport is the client's
+(`client.capped_get`); the snapshot is no Control API envelope, so the texts are this
+command's. The URL is checked by the node's own `--local-api` rule, so the command cannot be
+pointed anywhere the node itself would not serve. Prints one logfmt summary line, or the whole
+snapshot with `--json`.
 
 Exit codes: 0 leader or standby, 1 unreachable (or not a status endpoint), 2 usage error,
 3 degraded.
@@ -17,10 +20,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import requests
-
 from conductord.argparsing import ArgumentParser, UsageError, fail
-from conductord.client import describe_transport_error
+from conductord.client import TransportError, capped_get
 from conductord.config import SETTINGS_BY_NAME, validate_local_api
 from conductord.lease import LeaseState
 
@@ -28,7 +29,6 @@ __all__ = ["STATUS_TIMEOUT_S", "StatusFetchError", "fetch_status", "main", "summ
 
 STATUS_TIMEOUT_S = 2.0
 
-_JSON = "application/json"
 _LOCAL_API = SETTINGS_BY_NAME["local_api_base"]
 
 _USAGE = """\
@@ -54,32 +54,24 @@ class StatusFetchError(Exception):
 def fetch_status(base_url: str, *, timeout_s: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
     """GET `{base_url}/v1/status` and return the snapshot; raises `StatusFetchError`."""
     url = f"{base_url}/v1/status"
+    timeout_ms = round(timeout_s * 1000)
     try:
-        with requests.Session() as session:
-            # The endpoint is on this machine: no HTTP(S)_PROXY, no .netrc credentials.
-            session.trust_env = False
-            response = session.get(
-                url, timeout=timeout_s, allow_redirects=False, headers={"accept": _JSON}
-            )
-    except requests.Timeout:
+        answer = capped_get(url, timeout_ms=timeout_ms)
+    except TransportError as err:
+        if err.kind == "too_large":
+            raise StatusFetchError(
+                f"{url} did not answer with a conductord status snapshot ({err.detail})",
+                unreachable=False,
+            ) from None
+        detail = f"timed out after {timeout_ms} ms" if err.kind == "timeout" else err.detail
+        raise StatusFetchError(f"cannot reach {base_url}: {detail}", unreachable=True) from None
+    if answer.status != 200:
         raise StatusFetchError(
-            f"cannot reach {base_url}: timed out after {int(timeout_s * 1000)} ms",
-            unreachable=True,
-        ) from None
-    except requests.RequestException as exc:
-        raise StatusFetchError(
-            f"cannot reach {base_url}: {describe_transport_error(exc)}", unreachable=True
-        ) from None
-    if response.status_code != 200:
-        raise StatusFetchError(
-            f"{url} answered HTTP {response.status_code}; is a conductord status endpoint"
+            f"{url} answered HTTP {answer.status}; is a conductord status endpoint"
             " listening there?",
             unreachable=False,
         )
-    try:
-        snapshot = response.json()
-    except ValueError:
-        snapshot = None
+    _parsed, snapshot = answer.json()
     daemon = snapshot.get("daemon") if isinstance(snapshot, dict) else None
     if not isinstance(daemon, dict) or "lease_state" not in daemon:
         raise StatusFetchError(

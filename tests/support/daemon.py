@@ -8,7 +8,8 @@ of sleeps: `wait_event(...)`, `wait_exit(...)`.
 `FakeControlApi` is a scripted, stateful Control API for a `ScriptedServer`: it grants the
 lease to whoever asks while in mode "grant", names another holder in "other", answers 500
 in "fail", HTML in "garbage", and hangs in "hang", so tests can drive a node through every
-transition.
+transition. Like the seed's server it ignores `instance_id`; with `omit_operation` its acquire
+answers carry no `operation` either.
 """
 
 from __future__ import annotations
@@ -160,6 +161,7 @@ class FakeControlApi:
         self.heartbeat_mode = "ok"
         self.term = 1
         self.holder: str | None = None
+        self.omit_operation = False
         self._lock = threading.Lock()
         server.handler("/v1/leader/acquire", self._acquire)
         server.handler("/v1/controllers/heartbeat", self._heartbeat)
@@ -199,17 +201,18 @@ class FakeControlApi:
                     operation = "renew"
                 self.holder = caller
                 holder, leader = caller, True
-            return self._envelope(
-                {
-                    "holder_id": holder,
-                    "holder_host": "fake",
-                    "term": self.term,
-                    "lease_expires_at": now + rec.json["ttl_sec"],
-                    "renewed_at": now,
-                    "is_leader": leader,
-                    "operation": operation,
-                }
-            )
+            data = {
+                "holder_id": holder,
+                "holder_host": "fake",
+                "term": self.term,
+                "lease_expires_at": now + rec.json["ttl_sec"],
+                "renewed_at": now,
+                "is_leader": leader,
+                "operation": operation,
+            }
+            if self.omit_operation:
+                del data["operation"]
+            return self._envelope(data)
 
     def _heartbeat(self, rec: Recorded) -> Reply | dict[str, Any]:
         failure = self._failure(self.heartbeat_mode)
