@@ -23,7 +23,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.control_api import ControlApiProcess
 from tests.support.daemon import DaemonProcess, clean_env
+from tests.support.wait import wait_until
 
 PROMETHEUS_DIR = Path(__file__).resolve().parent.parent / "ops" / "prometheus"
 ALERTS = PROMETHEUS_DIR / "alerts.yml"
@@ -125,17 +126,6 @@ def tool(name: str, package: str) -> str:
 
 def run(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: Callable[[], str]) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s: {what()}")
-        time.sleep(0.1)
 
 
 # -- promtool ----------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from conductord.control_api.store import StoreError
 from conductord.logs import configure
 from tests.support.control_api import ControlApiProcess, run_control_api
 from tests.support.race import run_together
+from tests.support.wait import wait_until
 
 ACQUIRE = "/v1/leader/acquire"
 RELEASE = "/v1/leader/release"
@@ -79,14 +80,6 @@ def assert_error(response, status, code):
     assert body["message"]
     assert body["request_id"] == response.headers["x-request-id"]
     return body
-
-
-def wait_until(predicate, timeout=10.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(interval)
 
 
 # -- envelopes, auth, errors --------------------------------------------------------------------

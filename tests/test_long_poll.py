@@ -35,20 +35,10 @@ from conductord.control_api.store import SqliteStore
 from conductord.control_api.waiters import LeaseWaiters, TooManyWaiters
 from tests.support.control_api import ControlApiProcess, run_control_api
 from tests.support.daemon import DaemonProcess, clean_env
+from tests.support.wait import wait_until
 
 ACQUIRE = "/v1/leader/acquire"
 RELEASE = "/v1/leader/release"
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 # -- LeaseWaiters in-process ----------------------------------------------------------------

@@ -45,6 +45,7 @@ from supervisor.xmlrpc import SupervisorTransport
 
 from conductord.config import SETTINGS, config_warnings, default_of, resolve_config
 from tests.support.control_api import ControlApiProcess, clean_env
+from tests.support.wait import wait_until
 
 OPS = Path(__file__).resolve().parent.parent / "ops"
 PLIST = OPS / "launchd" / "com.conductord.node.plist"
@@ -111,19 +112,6 @@ DEFAULT_EXEC_GRACE_MS = default_of("exec_stop_grace_ms")
 
 def seconds(timestamp: str) -> float:
     return datetime.fromisoformat(timestamp).timestamp()
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str | Callable[[], str]) -> Any:
-    """Poll `predicate` until truthy; `what` (or what it returns) explains a timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            detail = what() if callable(what) else what
-            raise AssertionError(f"timed out after {timeout} s waiting for {detail}")
-        time.sleep(0.05)
 
 
 # -- the shipped files -----------------------------------------------------------------------

@@ -40,6 +40,7 @@ from tests.support.control_api import ControlApiProcess
 from tests.support.daemon import DaemonProcess, clean_env, parse_ts
 from tests.support.poller import StatusPoller
 from tests.support.postgres import fresh_schema, require_dsn
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -106,7 +107,7 @@ class Ha:
         poller = self.stack.enter_context(StatusPoller(self.status, interval_s=0.005))
         for node_id in self.nodes:
             poller.wait_samples(node_id, 20)
-        wait_until(lambda: self.parked() >= 2, "both standbys parked on a server")
+        wait_until(lambda: self.parked() >= 2, what="both standbys parked on a server")
         return poller
 
     def snapshot(self, node_id: str) -> dict[str, Any]:
@@ -140,13 +141,6 @@ class Ha:
             for event in node.events[marks.get(node_id, 0) :]
             if event.get("event") == "lease.transition"
         ]
-
-
-def wait_until(predicate, what: str, timeout: float = 10.0, interval: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
-        time.sleep(interval)
 
 
 @pytest.fixture
@@ -193,7 +187,7 @@ def test_losing_the_leaders_process_costs_no_leadership_then_the_survivor_fails_
     # HINTS §17: at most one counted failure (a renewal caught in flight), never two in a row.
     assert len(ha.nodes["n1"].named("lease.renew_failed")) <= 1
     assert ha.leader_view(survivor)["lease"]["holder_id"] == "n1"
-    wait_until(lambda: ha.parked() >= 2, "both standbys parked on the survivor")
+    wait_until(lambda: ha.parked() >= 2, what="both standbys parked on the survivor")
     assert poller.overlaps() == []
 
     # 2. kill -9 of the leader: a standby parked on the survivor takes over.
@@ -211,7 +205,7 @@ def test_losing_the_leaders_process_costs_no_leadership_then_the_survivor_fails_
             if event.get("event") == "lease.transition" and event["to_state"] == "leader"
         ]
 
-    wait_until(lambda: took_over(), "a standby took over", timeout=TTL + 5)
+    wait_until(lambda: took_over(), what="a standby took over", timeout=TTL + 5)
     first = min(took_over(), key=parse_ts)
     seconds = parse_ts(first) - killed_at
     print(f"\ntakeover on the surviving process {seconds:.3f} s after kill -9 of the leader")
@@ -241,7 +235,7 @@ def test_both_processes_down_then_one_back_the_fleet_recovers(ha):
         states = [ha.snapshot(node_id)["daemon"]["lease_state"] for node_id in ha.nodes]
         return sorted(states) == ["leader", "standby", "standby"]
 
-    wait_until(one_leader, "one leader and two standbys", timeout=TTL + 8, interval=0.05)
+    wait_until(one_leader, what="one leader and two standbys", timeout=TTL + 8, interval=0.05)
     print(f"\nfleet recovered {time.monotonic() - recovered:.3f} s after one process was back")
     time.sleep(4 * RENEW)
     assert one_leader()
@@ -271,7 +265,7 @@ def test_a_renewal_that_timed_out_is_not_sent_to_the_other_process(ha):
                 e["holder_id"] == "n1" and parse_ts(e) > failed_at
                 for e in other.logs("lease.renew")
             ),
-            "the leader renewed through the other process",
+            what="the leader renewed through the other process",
         )
     finally:
         os.kill(ha.apis[frozen].proc.pid, signal.SIGCONT)
@@ -283,7 +277,7 @@ def test_a_renewal_that_timed_out_is_not_sent_to_the_other_process(ha):
     # With a request timeout as long as the step-down margin (1 s), the hung call outlasts
     # the leader's local deadline: it steps down meanwhile and is leader again, same term,
     # once the other process renews it.
-    wait_until(lambda: ha.snapshot("n1")["daemon"]["lease_state"] == "leader", "leader again")
+    wait_until(lambda: ha.snapshot("n1")["daemon"]["lease_state"] == "leader", what="leader again")
     assert ha.snapshot("n1")["daemon"]["current_term"] == term  # no one else was granted
     for node_id in ("n2", "n3"):
         events = ha.nodes[node_id].named("lease.transition")

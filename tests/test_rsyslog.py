@@ -36,8 +36,7 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ from supervisor import loggers
 
 from tests.support.control_api import ControlApiProcess
 from tests.support.daemon import DaemonProcess, clean_env
+from tests.support.wait import wait_until
 
 RSYSLOG_CONF = Path(__file__).resolve().parent.parent / "ops" / "logship" / "rsyslog.conf"
 
@@ -96,17 +96,6 @@ def long_path_args(root: Path) -> list[str]:
     deep.mkdir(parents=True, exist_ok=True)
     flags = ("--runs-dir", "--worktrees-dir", "--logs-dir", "--tmp-dir")
     return [arg for flag in flags for arg in (flag, str(deep))]
-
-
-def wait_until(predicate: Callable[[], Any], what: Callable[[], str], timeout: float = WAIT_S):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what()}")
-        time.sleep(0.05)
 
 
 def localize(text: str, log_file: Path, port: int) -> str:
@@ -241,7 +230,9 @@ class Node:
                 None,
             )
 
-        return wait_until(found, lambda: f"{event} {to_state or ''} in {self.events()}")
+        return wait_until(
+            found, what=lambda: f"{event} {to_state or ''} in {self.events()}", timeout=WAIT_S
+        )
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -317,7 +308,7 @@ class Shipping:
             localize(RSYSLOG_CONF.read_text(), self.log_file, self.collector.port)
         )
         self.syslog = Rsyslogd(self.root, main_conf(self.root, snippets))
-        wait_until(self.syslog.started, self.syslog.diagnostics)
+        wait_until(self.syslog.started, what=self.syslog.diagnostics, timeout=WAIT_S)
 
     def args(self, node_id: str) -> list[str]:
         return [
@@ -361,10 +352,11 @@ class Shipping:
         tail.logger.close()
         wait_until(
             lambda: any(json.loads(r) == SENTINEL for r in self.collector.records()),
-            lambda: (
+            what=lambda: (
                 f"the sentinel at the collector ({self.collector.records()}); "
                 + self.syslog.diagnostics()
             ),
+            timeout=WAIT_S,
         )
         assert self.syslog.stop() == 0, self.syslog.diagnostics()
         return [json.loads(record) for record in self.collector.records()]
@@ -434,7 +426,8 @@ def test_rsyslog_ships_exactly_the_lease_transitions_across_rotations(shipping: 
             [e["to_state"] for e in node.events() if e["event"] == "lease.transition"][-1]
             == "leader"
         ),
-        lambda: f"the node to lead again: {node.events()}",
+        what=lambda: f"the node to lead again: {node.events()}",
+        timeout=WAIT_S,
     )
 
     # Another machine's node waits as standby; this one stops and releases the lease.
