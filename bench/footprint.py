@@ -18,9 +18,11 @@ Measured:
   inside the window lose their share (gevent keeps its few threads alive, so this is small).
   `cpu_ticks_s_per_hour` is the same from utime + stime, for comparison.
 - `rss_mb`: VmRSS at the end of the window; `rss_hwm_mb`: VmHWM (peak).
-- `expected_calls`: Control API calls the node makes in the window at the defaults
-  (window / 5 s x 2: heartbeat and renew), and `cpu_ms_per_call` = CPU / that count, to
-  compare with the ~2.2 ms a call that SPEC §11 budgets.
+- `calls`: the node's Control API calls in the window, counted by the Control API itself
+  (`conductord_control_api_requests_total` of the heartbeat, acquire and release routes,
+  read from its `/metrics` at both ends), `calls_per_hour`, and `cpu_ms_per_call` = CPU /
+  calls. At the defaults a node that sends its heartbeats on their own makes 2 calls per 5 s
+  (1,440 an hour); one whose heartbeats ride on its renewals (issue 20) makes 1.
 
 The status endpoint is requested only before the window, so the window is truly idle.
 Output: one JSON line on stdout; progress on stderr. Processes are killed on the way out.
@@ -83,6 +85,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+_NODE_ROUTES = ("/v1/controllers/heartbeat", "/v1/leader/acquire", "/v1/leader/release")
+
+
+def node_calls(api_url: str) -> int:
+    """The node's calls the Control API has answered so far (from its /metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"{api_url}/metrics", timeout=5).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name == "conductord_control_api_requests":
+            total += sum(
+                sample.value
+                for sample in family.samples
+                if sample.name.endswith("_total") and sample.labels.get("route") in _NODE_ROUTES
+            )
+    return int(total)
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     token = new_token()
@@ -127,10 +148,12 @@ def main(argv: list[str]) -> int:
             time.sleep(SETTLE_S)
 
             mark = len(node.snapshot_events())
+            calls0 = node_calls(api.url)
             cpu0, ticks0, t0 = thread_cpu_ns(node.pid), tick_seconds(node.pid), time.monotonic()
             progress(f"measuring for {args.seconds:g} s")
             time.sleep(args.seconds)
             cpu1, ticks1, t1 = thread_cpu_ns(node.pid), tick_seconds(node.pid), time.monotonic()
+            calls = node_calls(api.url) - calls0
             rss_kb, hwm_kb = status_kb(node.pid, "VmRSS"), status_kb(node.pid, "VmHWM")
             threads = len(glob.glob(f"/proc/{node.pid}/task/*"))
             alive = node.alive
@@ -143,7 +166,6 @@ def main(argv: list[str]) -> int:
     cpu_per_hour = cpu_ns_used / 1e9 / window * 3600.0
     ticks_per_hour = (ticks1 - ticks0) / window * 3600.0
     rss_mb = rss_kb / 1024.0
-    calls = round(window / DEFAULT_INTERVAL_S * 2)
     result = {
         "bench": "footprint",
         "window_s": round(window, 3),
@@ -157,7 +179,8 @@ def main(argv: list[str]) -> int:
         "cpu_s_in_window": round(cpu_ns_used / 1e9, 4),
         "cpu_s_per_hour": round(cpu_per_hour, 3),
         "cpu_ticks_s_per_hour": round(ticks_per_hour, 3),
-        "expected_calls": calls,
+        "calls": calls,
+        "calls_per_hour": round(calls / window * 3600.0),
         "cpu_ms_per_call": round(cpu_ns_used / 1e6 / calls, 3) if calls else None,
         "threads": threads,
         "log_lines_in_window": lines_in_window,

@@ -363,6 +363,18 @@ def _field_errors(messages: Any, prefix: str = "") -> list[str]:
     return [f"{prefix}{messages}"]
 
 
+def _piggyback(heartbeat: Heartbeat) -> dict[str, Any]:
+    """The part of a heartbeat that rides on an acquire (its identity is the acquire's)."""
+    return {
+        "role": heartbeat.role,
+        "priority": heartbeat.priority,
+        "status": heartbeat.status,
+        "version": heartbeat.version,
+        "heartbeat_at": heartbeat.heartbeat_at,
+        "started_at": heartbeat.started_at,
+    }
+
+
 class ControlApiClient:
     """Control API v1 over keep-alive sessions; see the module docstring for the policy.
 
@@ -448,10 +460,13 @@ class ControlApiClient:
         wait_ms: int | None = None,
         instance_id: str | None = None,
         one_shot: bool | None = None,
+        heartbeat: Heartbeat | None = None,
     ) -> AcquireResult:
         """Acquire or renew the lease; `wait_ms` > 0 long-polls (§12) and extends the budget.
 
-        A wait above the wire's 60 s is cut to it rather than refused.
+        A wait above the wire's 60 s is cut to it rather than refused. `heartbeat` rides along
+        (its identity is the acquire's); `AcquireResult.heartbeat_recorded` says whether the
+        server took it.
         """
         if now is None:
             now = int(time.time())
@@ -469,6 +484,7 @@ class ControlApiClient:
                 "wait_ms": wait or None,
                 "instance_id": instance_id,
                 "one_shot": one_shot or None,
+                "heartbeat": None if heartbeat is None else _piggyback(heartbeat),
             },
         )
         data = self._post(ACQUIRE_PATH, body, extra_ms=wait)

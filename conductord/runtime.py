@@ -239,6 +239,8 @@ class Runtime:
         self._deadline_moved = Event()
         # Terms the server said it granted this process (an explicit operation "acquire").
         self._granted_terms: set[int] = set()
+        # When a heartbeat that rode along on a lease call was last recorded (lease clock).
+        self._heartbeat_ridden_at: float | None = None
         self._conflict_logged: tuple[str | None, float] | None = None
         self._stop_requested = Event()
         self._long_polled = False  # the last lease cycle asked the server to wait
@@ -462,24 +464,33 @@ class Runtime:
 
     # -- loop iterations -------------------------------------------------------
 
-    def _heartbeat_once(self) -> str | None:
-        """Send one heartbeat; returns the error text on failure."""
+    def _heartbeat_value(self) -> Heartbeat:
         cfg = self.config
+        return Heartbeat(
+            controller_id=cfg.node_id,
+            host=cfg.host,
+            role=cfg.role,
+            priority=cfg.priority,
+            status=str(self.machine.state),
+            version=cfg.controller_version,
+            heartbeat_at=int(self.wall()),
+            started_at=int(self.started_at),
+            instance_id=self.instance_id,
+            one_shot=self.one_shot or None,
+        )
+
+    def _heartbeat_once(self) -> str | None:
+        """Send one heartbeat; returns the error text on failure.
+
+        Skipped (a success) while a heartbeat that rode along on a lease call was recorded
+        within the last heartbeat interval: an idle node then makes one call per interval, not
+        two. The start sequence's registration is never skipped (nothing has ridden yet).
+        """
+        ridden = self._heartbeat_ridden_at
+        if ridden is not None and self.clock() - ridden < self.config.heartbeat_interval_ms / 1e3:
+            return None
         try:
-            self.client.heartbeat(
-                Heartbeat(
-                    controller_id=cfg.node_id,
-                    host=cfg.host,
-                    role=cfg.role,
-                    priority=cfg.priority,
-                    status=str(self.machine.state),
-                    version=cfg.controller_version,
-                    heartbeat_at=int(self.wall()),
-                    started_at=int(self.started_at),
-                    instance_id=self.instance_id,
-                    one_shot=self.one_shot or None,
-                )
-            )
+            self.client.heartbeat(self._heartbeat_value())
         except ControlApiError as exc:
             error = str(exc)
             self.heartbeat_failures_total += 1
@@ -522,6 +533,11 @@ class Runtime:
             self._long_polled = long_poll
         self._renew_streak.succeeded()
         self.last_renew_at = self.wall()
+        if result.heartbeat_recorded:
+            # The server took the heartbeat that rode along (recorded when it arrived).
+            self._heartbeat_ridden_at = sent_at
+            self.machine.heartbeat_succeeded(wall_time=self.wall())
+            self._heartbeat_streak.succeeded()
         if result.is_leader and result.granted:
             # Only the server's own "acquire": a missing `operation` is no proof (wire.py).
             self._granted_terms.add(result.term)
@@ -570,6 +586,8 @@ class Runtime:
             wait_ms=wait_ms,
             instance_id=self.instance_id,
             one_shot=self.one_shot or None,
+            # One-shot runs send their own registration heartbeat and nothing more.
+            heartbeat=None if self.one_shot else self._heartbeat_value(),
         )
 
     # -- leader-only work (SPEC §14) ------------------------------------------

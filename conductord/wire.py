@@ -149,6 +149,9 @@ class AcquireResult:
     # instances and omits `operation` answers a one-shot run beside the leader with the
     # leader's own lease. Only an explicit grant lets a one-shot run release (SPEC §15).
     granted: bool = False
+    # The server recorded the heartbeat that rode along on this call (see
+    # `AcquireRequestSchema.heartbeat`); a server that ignores the field never says so.
+    heartbeat_recorded: bool = False
 
 
 @dataclass(frozen=True)
@@ -297,6 +300,22 @@ class AcquireRequestSchema(_WireSchema):
     # A one-shot run (diagnose, --run-once): decided as any request, never counted as a
     # second process of its node id.
     one_shot = StrictBoolean()
+    # A heartbeat riding along (its controller, host and instance are the acquire's): a
+    # server that records it answers `heartbeat_recorded: true`, and the node then skips its
+    # separate heartbeat for that interval, halving an idle node's calls. A server that
+    # ignores the field never says so, and the node keeps sending heartbeats on their own.
+    heartbeat = fields.Nested(lambda: HeartbeatFieldsSchema())
+
+
+class HeartbeatFieldsSchema(_WireSchema):
+    """What a heartbeat reports beyond the sender's identity (the acquire names that)."""
+
+    role = _text(MAX_LABEL_CHARS)
+    priority = StrictInteger(validate=validate.Range(min=0, max=MAX_PRIORITY))
+    status = _text(MAX_LABEL_CHARS)
+    version = _text(MAX_VERSION_CHARS)
+    heartbeat_at = _time()
+    started_at = _time()
 
 
 class ReleaseRequestSchema(_WireSchema):
@@ -414,6 +433,7 @@ class _AcquireResponseSchema(_CamelTolerantSchema):
     operation = _text(MAX_LABEL_CHARS)
     lease = fields.Raw(allow_none=True)
     holder_instance_id = _text(MAX_INSTANCE_CHARS, allow_none=True)
+    heartbeat_recorded = StrictBoolean()
 
 
 class _ReleaseResponseSchema(_CamelTolerantSchema):
@@ -491,16 +511,20 @@ def parse_acquire_result(
         holder_instance_id=holder_instance,
         instance_conflict=conflict,
         granted=loaded.get("operation") == "acquire",
+        heartbeat_recorded=loaded.get("heartbeat_recorded", False),
     )
 
 
 def acquire_result_to_wire(result: AcquireResult) -> dict[str, Any]:
     """The acquire answer's `data`, snake_case with the nested lease record.
 
-    `instance_conflict` and `granted` are the client's reading of an answer, not wire fields.
+    `instance_conflict` and `granted` are the client's reading of an answer, not wire fields;
+    `heartbeat_recorded` is sent only when true (older clients never see it).
     """
     data = dataclasses.asdict(result)
     del data["instance_conflict"], data["granted"]
+    if not data["heartbeat_recorded"]:
+        del data["heartbeat_recorded"]
     return data
 
 

@@ -683,3 +683,34 @@ def test_invalid_hot_bodies_keep_marshmallows_messages():
     with pytest.raises(ValidationError) as caught:
         wire.AcquireRequestSchema().load(json.loads(body))
     assert payload["details"] == caught.value.messages
+
+
+# -- a heartbeat riding on the acquire (issue 20) ---------------------------------------------
+
+
+def test_a_heartbeat_riding_on_an_acquire_is_recorded_and_acknowledged(control_api):
+    ridden = {"role": "standby", "priority": 50, "status": "standby", "version": "9.9"}
+    answer = acquire(control_api, "rider", instance_id="i-1", heartbeat=ridden)
+    assert answer["heartbeat_recorded"] is True
+    rows = get(control_api, "/v1/controllers").json()["data"]["controllers"]
+    (row,) = [r for r in rows if r["controller_id"] == "rider"]
+    assert (row["host"], row["role"], row["priority"], row["version"]) == (
+        "rider-host",
+        "standby",
+        50,
+        "9.9",
+    )
+    assert row["instance_id"] == "i-1" and row["seconds_since_heartbeat"] < 5
+    # Without one, or from a one-shot run (never recorded), the answer does not say so.
+    assert "heartbeat_recorded" not in acquire(control_api, "plain")
+    one_shot = acquire(control_api, "probe", heartbeat=ridden, one_shot=True)
+    assert "heartbeat_recorded" not in one_shot
+    rows = get(control_api, "/v1/controllers").json()["data"]["controllers"]
+    assert {r["controller_id"] for r in rows} == {"rider"}
+    # The ridden fields are checked like a heartbeat's own.
+    bad = post(
+        control_api,
+        ACQUIRE,
+        {"controller_id": "x", "host": "h", "ttl_sec": 5, "heartbeat": {"priority": -1}},
+    )
+    assert bad.status_code == 400 and "heartbeat" in bad.json()["details"]

@@ -10,6 +10,7 @@ import signal
 import time
 
 import pytest
+import requests
 
 from tests.support.daemon import DaemonProcess, overlap_seconds, parse_ts, scheduler_intervals
 
@@ -187,3 +188,43 @@ def test_three_nodes_one_leader_through_repeated_failovers(control_api, fleet):
     assert terms == [1, 2, 3]
     nodes[leader].send(signal.SIGTERM)
     assert nodes[leader].wait_exit() == 0
+
+
+def _heartbeat_requests(control_api) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"{control_api.url}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "conductord_control_api_requests":
+            return sum(
+                s.value
+                for s in family.samples
+                if s.name.endswith("_total") and s.labels["route"] == "/v1/controllers/heartbeat"
+            )
+    return 0.0
+
+
+def test_heartbeats_ride_on_lease_calls_so_an_idle_node_makes_one_call_per_interval(
+    control_api, fleet
+):
+    leader = fleet("mini-main", "primary", "--heartbeat-interval-ms", "250")
+    leader.transition_to("leader")
+    standby = fleet("mini-standby", "standby", "--heartbeat-interval-ms", "250")
+    standby.wait_event("conductor.started")
+    before = _heartbeat_requests(control_api)
+    time.sleep(8 * RENEW)  # about 8 heartbeat intervals of each node
+    separate = _heartbeat_requests(control_api) - before
+    assert separate <= 2, separate  # without riding along: ~16 (2 nodes x 8 intervals)
+    rows = requests.get(
+        f"{control_api.url}/v1/controllers", headers=control_api.headers, timeout=5
+    ).json()["data"]["controllers"]
+    # Both still fresh on the server: the leader by its renewals, the standby by its
+    # long-polls (recorded when they arrive).
+    assert {r["controller_id"]: r["seconds_since_heartbeat"] < 3 * RENEW for r in rows} == {
+        "mini-main": True,
+        "mini-standby": True,
+    }
+    assert {r["controller_id"]: r["status"] for r in rows} == {
+        "mini-main": "leader",
+        "mini-standby": "standby",
+    }

@@ -745,3 +745,24 @@ def test_other_invalid_server_strings_count_as_absent():
         }
     )
     assert released == ReleaseResult(True, True, None)
+
+
+def test_a_heartbeat_rides_on_an_acquire_and_its_acknowledgement_is_read():
+    schema = AcquireRequestSchema()
+    body = {"controller_id": "a", "host": "h", "ttl_sec": 5}
+    ridden = {**body, "heartbeat": {"role": "primary", "status": "leader", "priority": 7}}
+    assert schema.load(ridden)["heartbeat"] == {
+        "role": "primary",
+        "status": "leader",
+        "priority": 7,
+    }
+    assert "heartbeat" in load_errors(schema, {**body, "heartbeat": {"status": "\ud800"}})
+    assert "heartbeat" in load_errors(schema, {**body, "heartbeat": []})
+    answer = {"holder_id": "a", "term": 1, "lease_expires_at": 5, "operation": "renew"}
+    parse = parse_acquire_result
+    assert parse(answer, controller_id="a", host="h", now=1).heartbeat_recorded is False
+    recorded = parse({**answer, "heartbeat_recorded": True}, controller_id="a", host="h", now=1)
+    assert recorded.heartbeat_recorded is True
+    assert acquire_result_to_wire(recorded)["heartbeat_recorded"] is True
+    plain = parse(answer, controller_id="a", host="h", now=1)
+    assert "heartbeat_recorded" not in acquire_result_to_wire(plain)  # older clients see nothing

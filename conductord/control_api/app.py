@@ -7,7 +7,8 @@ nothing ever answers with an HTML page or a traceback.
 
 Routes:
   POST /v1/controllers/heartbeat   upsert the controller row
-  POST /v1/leader/acquire          acquire / renew / deny (rules.py), server clock authoritative
+  POST /v1/leader/acquire          acquire / renew / deny (rules.py, on the store's monotonic
+                                   decision clock); records a heartbeat that rides along
   POST /v1/leader/release          release by the holder of that term
   GET  /v1/leader                  the lease row, live or not, seconds left, parked waiters
   GET  /v1/controllers             the controllers with seconds since their last heartbeat
@@ -174,7 +175,9 @@ def lease_record(row: LeaseRow) -> wire.LeaseRecord:
     )
 
 
-def acquire_result(decision: AcquireDecision) -> wire.AcquireResult:
+def acquire_result(
+    decision: AcquireDecision, heartbeat_recorded: bool = False
+) -> wire.AcquireResult:
     row = decision.row
     return wire.AcquireResult(
         holder_id=row.holder_id,
@@ -187,6 +190,7 @@ def acquire_result(decision: AcquireDecision) -> wire.AcquireResult:
         operation=wire.wire_operation(decision.operation),
         lease=lease_record(row),
         holder_instance_id=row.holder_instance_id,
+        heartbeat_recorded=heartbeat_recorded,
     )
 
 
@@ -473,13 +477,25 @@ class ControlApiApp:
 
     def _acquire(self, request: Request) -> dict[str, Any]:
         body = self._load(request, self._acquire_schema)
+        # A heartbeat riding along is recorded on arrival, before any wait; a one-shot run's
+        # is not recorded (see `_heartbeat`), so it is not acknowledged either.
+        recorded = body.get("heartbeat") is not None and not body.get("one_shot")
+        if recorded:
+            self._store.heartbeat(
+                wire.Heartbeat(
+                    controller_id=body["controller_id"],
+                    host=body["host"],
+                    instance_id=body.get("instance_id"),
+                    **body["heartbeat"],
+                )
+            )
         wait_ms = body.get("wait_ms") or 0
         if wait_ms > 0 and self.long_poll:
             decision = self._wait_for_lease(body, wait_ms, request)
         else:
             decision = self._acquire_lease(body)
         self._log_acquire(decision, request, body.get("instance_id"))
-        return wire.acquire_result_to_wire(acquire_result(decision))
+        return wire.acquire_result_to_wire(acquire_result(decision, heartbeat_recorded=recorded))
 
     def _wait_for_lease(
         self, body: Mapping[str, Any], wait_ms: int, request: Request
