@@ -67,6 +67,8 @@ from gevent import subprocess as gsubprocess
 from gevent.event import Event
 
 from conductord.clock import lease_clock
+from conductord.exec_guard import group_alive, kill_group
+from conductord.redact import holds_secret
 
 GUARD_PATH: Final = os.path.join(os.path.dirname(os.path.abspath(__file__)), "exec_guard.py")
 # The guard's SIGKILL lands this long before the lease could be granted elsewhere; the timing
@@ -94,11 +96,16 @@ def guard_deadline(lease_end: float, stop_grace_s: float) -> float:
 def child_environment(
     base: Mapping[str, str], *, term: int, node_id: str, host: str, token: str | None
 ) -> dict[str, str]:
-    """The command's environment: the daemon's, without the token, plus CONDUCTORD_*."""
+    """The command's environment: the daemon's, without the token, plus CONDUCTORD_*.
+
+    Dropped: BAA_SHARED_TOKEN, BAA_SHARED_TOKEN_FILE, and every variable whose value holds the
+    token or a piece of it of 8 characters or more (`redact.holds_secret`, the test the logs
+    are redacted by), so a value with a cut or embedded copy of the token never reaches it.
+    """
     env = {
         key: value
         for key, value in base.items()
-        if key not in TOKEN_VARIABLES and not (token and token in value)
+        if key not in TOKEN_VARIABLES and not holds_secret(value, token)
     }
     env["CONDUCTORD_TERM"] = str(term)
     env["CONDUCTORD_NODE_ID"] = node_id
@@ -463,7 +470,7 @@ class ExecSupervisor:
             "exec.guard_unresponsive", term=guard.term, guard_pid=guard.proc.pid, pid=guard.pid
         )
         if guard.pid is not None:
-            _kill_group(guard.pid, signal.SIGKILL)
+            kill_group(guard.pid, signal.SIGKILL)
         guard.proc.kill()
         guard.close_control()
 
@@ -648,7 +655,7 @@ class ExecSupervisor:
             # The guard died under a running command (Linux already killed the command
             # through PR_SET_PDEATHSIG): kill what is left of the group from here.
             pid = guard.pid
-            _kill_group(pid, signal.SIGKILL)
+            kill_group(pid, signal.SIGKILL)
             _wait_group_gone(pid, ORPHAN_WAIT_S)
             began = guard.run_started if guard.run_started is not None else lease_clock()
             seconds = lease_clock() - began
@@ -672,40 +679,10 @@ def _signal_name(signum: int) -> str:
         return str(signum)
 
 
-def _kill_group(pgid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signum)
-
-
 def _wait_group_gone(pgid: int, timeout: float) -> bool:
     end = lease_clock() + timeout
-    while _group_running(pgid):
+    while group_alive(pgid):
         if lease_clock() >= end:
             return False
         gevent.sleep(0.02)
     return True
-
-
-def _group_running(pgid: int) -> bool:
-    """True while a process of the group can still run (zombies are dead, not running)."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    if not sys.platform.startswith("linux"):
-        return True
-    # killpg also finds zombies, and their new parent (init, or a container's pid 1 that
-    # never reaps) decides when they go: look for a member that is not one.
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            return True
-    return False

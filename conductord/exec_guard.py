@@ -70,7 +70,7 @@ def load_lease_clock():
     spec = importlib.util.spec_from_file_location("_conductord_clock", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.lease_clock, module.CLOCK_NAME
+    return module.lease_clock
 
 
 class Linux:
@@ -185,9 +185,10 @@ class Guard:
                 if self.stop_cause is not None:
                     self.report("gone", self.stop_cause)
                     return 0
+                # Never at or after the deadline: that set stop_cause above.
                 if self.want_run:
                     self.want_run = False
-                    self.start_run(now)
+                    self.start_run()
                     continue
             self.wait(self.timeout(self.clock()))
 
@@ -287,9 +288,7 @@ class Guard:
 
     # -- runs --------------------------------------------------------------------
 
-    def start_run(self, now):
-        if now >= self.deadline:
-            return
+    def start_run(self):
         try:
             popen = subprocess.Popen(
                 self.argv,
@@ -330,13 +329,35 @@ class Guard:
 
 
 def group_alive(pgid):
+    """True while a process of the group can still run (a zombie is dead, not running).
+
+    Shared with the daemon (conductord/exec.py imports it): one definition of "gone".
+    """
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    if not sys.platform.startswith("linux"):
+        return True
+    # killpg also finds zombies, and their new parent (init, or a container's pid 1 that
+    # never reaps) decides when they go: look for a member that is not one.
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return True
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+                return True
+        except (OSError, IndexError, ValueError):
+            continue
+    return False
 
 
 def kill_group(pgid, signum):
@@ -374,7 +395,7 @@ def main(argv):
     except ValueError as exc:
         sys.stderr.write(f"exec_guard: {exc}\n")
         return 2
-    clock, _ = load_lease_clock()
+    clock = load_lease_clock()
     linux = Linux() if sys.platform.startswith("linux") else None
     guard = Guard(command, deadline, grace, status_fd, clock, linux)
     guard.setup()

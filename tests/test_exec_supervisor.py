@@ -458,6 +458,18 @@ def test_child_environment_filters_every_trace_of_the_token() -> None:
     assert "BAA_SHARED_TOKEN_FILE" not in child_environment(
         base, term=1, node_id="n", host="h", token=None
     )
+    # A cut or embedded piece of a longer token (8+ characters, what the logs redact) goes
+    # too; a shorter overlap is no trace of it.
+    token = "0123456789abcdef0123"
+    pieces = {
+        "CUT": "Bearer 0123456789ab",
+        "INSIDE": "x-89abcdef01-y",
+        "SHORT": "x0123456y",
+        "PATH": "/bin",
+    }
+    env = child_environment(pieces, term=1, node_id="n", host="h", token=token)
+    assert sorted(env) == ["CONDUCTORD_HOST", "CONDUCTORD_NODE_ID", "CONDUCTORD_TERM", "PATH",
+                           "SHORT"]
 
 
 def test_a_stuck_guard_is_overruled_by_the_daemon(stand_in, child) -> None:
