@@ -25,7 +25,11 @@ Interface for the runtime (every call from a greenlet of the daemon's hub; only 
         In `Runtime.stop`, after `lose("stopping")` (call that first thing, with
         `begin_stop`, so the SIGTERM goes out as the stop begins) and before the release:
         blocks until the group is gone (True), killing it with `killpg` if the guard stays
-        silent. Default timeout: stop grace + 1.5 s. Idempotent; `lead` is ignored afterwards.
+        silent. False when that cannot be confirmed in time (a guard still under way, a
+        group that survived SIGKILL): the runtime then keeps the lease unreleased.
+        Default: returns at the latest `stop_timeout_s` (stop grace + 1 s) after
+        `lose("stopping")`; an explicit timeout counts from the call. Idempotent; `lead` is
+        ignored afterwards.
     sup.snapshot()                      the snapshot's `exec` section (`disabled_snapshot()`
                                         when `--exec` is not set)
     sup.running, sup.starts_total, sup.exits_total[reason]
@@ -86,6 +90,11 @@ DRIVER_CAP_S: Final = 1.0
 HELD_LINES_MAX: Final = 256
 # After a guard vanished without a report: how long to wait for its group to empty.
 ORPHAN_WAIT_S: Final = 1.0
+# `stop`: after the forced kill (grace + FALLBACK_AFTER_S after the stop began), how long the
+# group may take to be confirmed gone before `stop` gives up and returns False.
+FORCE_WAIT_S: Final = 0.5
+# How often the driver re-kills and re-checks a group that could not be confirmed gone.
+ORPHAN_POLL_S: Final = 0.1
 
 
 def guard_deadline(lease_end: float, stop_grace_s: float) -> float:
@@ -204,6 +213,9 @@ class _Guard:
     ) -> None:
         self.term = term
         self.pid: int | None = None  # the current run's command (and process group)
+        # The current run's process group as soon as it exists (`group`, written by the
+        # command's process before its exec): known even when `started` never arrives.
+        self.group: int | None = None
         self.last_pid: int | None = None
         self.run_no: int | None = None
         self.run_started: float | None = None
@@ -318,7 +330,12 @@ class ExecSupervisor:
         self._guard: _Guard | None = None
         self._next_run_at: float | None = None  # lease_clock; not before (backoff, period)
         self._closed = False
+        self._stop_began: float | None = None  # lease_clock of `lose("stopping")`
+        # Process groups of ended guards that could not be confirmed gone: no new guard
+        # starts, and `stop` cannot succeed, while one may still hold a live process.
+        self._orphans: set[int] = set()
         self._wake = Event()
+        # Set while nothing of ours can run: no guard, no orphan group.
         self._idle = Event()
         self._idle.set()
         self._driver: gevent.Greenlet | None = None
@@ -347,23 +364,36 @@ class ExecSupervisor:
             raise ValueError(f"unknown reason {reason!r}; expected one of {LOSE_REASONS}")
         self._lead = None
         self._next_run_at = None
+        if reason == "stopping" and self._stop_began is None:
+            self._stop_began = lease_clock()
         guard = self._guard
         if guard is not None and guard.stopping is None:
             guard.stop(reason)
         self._wake.set()
 
+    @property
+    def stop_timeout_s(self) -> float:
+        """The longest `stop()` takes by default, counted from `lose("stopping")`."""
+        return self.grace_s + FALLBACK_AFTER_S + FORCE_WAIT_S
+
     def stop(self, timeout: float | None = None) -> bool:
-        if timeout is None:
-            timeout = self.grace_s + FALLBACK_AFTER_S + 1.0
         self._closed = True
         self.lose("stopping")
-        gone = self._idle.wait(timeout)
-        if not gone and self._guard is not None:
-            self._force(self._guard)
-            gone = self._idle.wait(ORPHAN_WAIT_S + 1.0)
+        assert self._stop_began is not None
+        end = self._stop_began + self.stop_timeout_s if timeout is None else lease_clock() + timeout
+        # The driver forces a silent guard at grace + FALLBACK_AFTER_S; this is the backstop
+        # (a driver that never ran, or a timeout shorter than that).
+        gone = self._idle.wait(max(end - FORCE_WAIT_S - lease_clock(), 0.0))
+        if not gone:
+            if self._guard is not None:
+                self._force(self._guard)
+            for pgid in self._orphans:
+                kill_group(pgid, signal.SIGKILL)
+            gone = self._idle.wait(max(end - lease_clock(), 0.0))
         if self._driver is not None:
             self._driver.kill(block=False)
-        return bool(gone)
+        # Never True while a guard or an unconfirmed group may leave a process alive.
+        return bool(gone) and self._guard is None and not self._orphans
 
     @property
     def running(self) -> bool:
@@ -388,9 +418,14 @@ class ExecSupervisor:
             self._driver.link_exception(self._crashed)
 
     def _drive(self) -> None:
-        while not (self._closed and self._guard is None):
+        while not (self._closed and self._idle.is_set()):
             self._wake.clear()
             self._wake.wait(self._step(lease_clock()))
+
+    def _settle(self) -> None:
+        """Set `_idle` once nothing of ours can run any more."""
+        if self._guard is None and not self._orphans:
+            self._idle.set()
 
     def _step(self, now: float) -> float | None:
         """Act on the current state; returns how long to wait before the next step."""
@@ -399,6 +434,16 @@ class ExecSupervisor:
             self.lose("deadline")
             lead = None
         guard = self._guard
+        if self._orphans:
+            for pgid in list(self._orphans):
+                if group_alive(pgid):
+                    kill_group(pgid, signal.SIGKILL)
+                else:
+                    self._orphans.discard(pgid)
+                    self.log.info("exec.group_gone", pgid=pgid)
+            if self._orphans:
+                return ORPHAN_POLL_S  # never a new run while an old group may live
+            self._settle()
         if guard is not None and guard.stopping is not None:
             assert guard.stop_sent_at is not None
             due = guard.stop_sent_at + self.grace_s + FALLBACK_AFTER_S
@@ -466,13 +511,19 @@ class ExecSupervisor:
         if guard.forced:
             return
         guard.forced = True
+        group = guard.group if guard.group is not None else guard.pid
         self.log.warning(
-            "exec.guard_unresponsive", term=guard.term, guard_pid=guard.proc.pid, pid=guard.pid
+            "exec.guard_unresponsive",
+            term=guard.term,
+            guard_pid=guard.proc.pid,
+            pid=guard.pid,
+            pgid=group,
         )
-        if guard.pid is not None:
-            kill_group(guard.pid, signal.SIGKILL)
+        if group is not None:
+            kill_group(group, signal.SIGKILL)
         guard.proc.kill()
         guard.close_control()
+        # A run forked just now reports its group before its exec; `_guard_ended` kills it.
 
     def _crashed(self, greenlet: gevent.Greenlet) -> None:
         exc = greenlet.exception
@@ -571,13 +622,16 @@ class ExecSupervisor:
         if not words:
             return
         verb, args = words[0], words[1:]
-        if verb == "started" and len(args) == 1:
+        if verb == "group" and len(args) == 1:
+            guard.group = int(args[0])
+        elif verb == "started" and len(args) == 1:
             self._on_started(guard, int(args[0]))
         elif verb == "exited" and len(args) == 5:
             pid, kind, value, seconds, cause = args
             self._on_exited(guard, int(pid), kind, int(value), float(seconds), cause)
         elif verb == "failed":
             guard.pending = False
+            guard.group = None  # an exec that failed: that process was waited for
             self._release_held(guard)
             self.log.error("exec.failed", term=guard.term, error=" ".join(args))
             self._retry_later(lease_clock(), 0.0)
@@ -592,6 +646,7 @@ class ExecSupervisor:
         self.starts_total += 1
         guard.pending = False
         guard.pid = pid
+        guard.group = pid
         guard.run_no = self.runs
         guard.run_started = lease_clock()
         self.log.info("exec.started", pid=pid, term=guard.term, run=guard.run_no)
@@ -631,6 +686,7 @@ class ExecSupervisor:
         )
         guard.last_pid = pid
         guard.pid = None
+        guard.group = None
 
     def _still_leading(self, guard: _Guard) -> bool:
         lead = self._lead
@@ -651,12 +707,23 @@ class ExecSupervisor:
                 guard_pid=guard.proc.pid,
                 returncode=guard.proc.returncode,
             )
+        group = guard.group
+        if group is not None:
+            # The guard died under a run (Linux already killed the command through
+            # PR_SET_PDEATHSIG, not its descendants): kill what is left of the group from
+            # here, and say "gone" only once that is confirmed.
+            kill_group(group, signal.SIGKILL)
+            if not _wait_group_gone(group, ORPHAN_WAIT_S):
+                self._orphans.add(group)
+                self.log.error(
+                    "exec.group_not_gone",
+                    term=guard.term,
+                    pgid=group,
+                    message="a process of the --exec group survived SIGKILL; no new run"
+                    " starts, and a stop keeps the lease, until it is gone",
+                )
         if guard.pid is not None:
-            # The guard died under a running command (Linux already killed the command
-            # through PR_SET_PDEATHSIG): kill what is left of the group from here.
             pid = guard.pid
-            kill_group(pid, signal.SIGKILL)
-            _wait_group_gone(pid, ORPHAN_WAIT_S)
             began = guard.run_started if guard.run_started is not None else lease_clock()
             seconds = lease_clock() - began
             self._record_exit(
@@ -668,7 +735,7 @@ class ExecSupervisor:
             self._retry_later(lease_clock(), 0.0)  # died before its run began
         if self._guard is guard:
             self._guard = None
-            self._idle.set()
+            self._settle()
         self._wake.set()
 
 

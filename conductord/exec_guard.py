@@ -21,6 +21,10 @@ wait is capped at 250 ms). Control lines from the daemon:
 When the deadline passes the guard does what `S deadline` does. SIGTERM, SIGINT or SIGHUP to
 the guard itself is `S signal`. Reports on the status pipe (fd STATUS_FD), one line each:
 
+    group <pgid>                                written by the command's own process between
+                                                fork and exec: the run's process group exists
+                                                (so the daemon can kill it even when the guard
+                                                dies or stalls before `started`)
     started <pid>                               a run began; pid is the command's own
     exited <pid> exit|signal <n> <seconds> <cause>
                                                 the run's whole group is gone; cause is
@@ -160,12 +164,16 @@ class Guard:
             self.stop_cause = "signal"
 
     def preexec(self):
-        # In the child, between fork and exec: die with the guard (Linux), and make sure the
+        # In the child, between fork and exec (its process group already set): tell the
+        # daemon the group first, so it can kill the group even if the guard stalls or dies
+        # before reporting `started`; then die with the guard (Linux), and make sure the
         # guard did not die before the request was in place.
+        with contextlib.suppress(OSError):
+            os.write(self.status_fd, f"group {os.getpgid(0)}\n".encode("ascii"))
         if self.linux is not None:
             self.linux.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-            if os.getppid() != self.pid:
-                os._exit(1)
+        if os.getppid() != self.pid:
+            os._exit(1)
 
     # -- the loop ----------------------------------------------------------------
 

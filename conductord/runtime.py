@@ -610,6 +610,8 @@ class Runtime:
         if sup is None:
             return True
         try:
+            # Returns by stop grace + 1 s after the `lose("stopping")` at the start of `stop`
+            # (the release then still has about a request timeout of the stop budget).
             gone = sup.stop()
         except Exception as exc:
             self.crash(exc)

@@ -196,6 +196,7 @@ class GuardProcess:
             os.close(fd)
         self._buffers = {self.status_r: b"", self.out_r: b""}
         self.output: list[str] = []
+        self.groups: list[int] = []  # `group <pgid>` lines, written by each run before its exec
 
     def send(self, line: str) -> None:
         os.write(self.ctl_w, line.encode() + b"\n")
@@ -219,8 +220,16 @@ class GuardProcess:
         return line.decode()
 
     def status(self, timeout: float = 5.0) -> list[str] | None:
-        line = self._line(self.status_r, timeout)
-        return None if line is None else line.split()
+        """The next status line, except `group` lines (kept in `groups`, in order)."""
+        end = time.monotonic() + timeout
+        while True:
+            line = self._line(self.status_r, max(end - time.monotonic(), 0.0))
+            if line is None:
+                return None
+            words = line.split()
+            if words[:1] != ["group"]:
+                return words
+            self.groups.append(int(words[1]))
 
     def expect(self, verb: str, timeout: float = 5.0) -> list[str]:
         words = self.status(timeout)
@@ -390,6 +399,7 @@ def test_what_the_command_leaves_behind_is_killed_too(guards, child) -> None:
 def test_the_control_pipe_never_leaks_into_the_command(guards, child, tmp_path) -> None:
     guard = guards(child(), deadline=lease_clock() + 60)
     pid = guard.started()
+    assert guard.groups == [pid]  # the run's group, reported before its exec
     targets = {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in _fds(pid)}
     assert targets[0] == "/dev/null"
     assert f"pipe:[{guard.ctl_inode}]" not in targets.values()

@@ -10,6 +10,7 @@ the pytest process itself (its SIGCHLD handling would reap other tests' children
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -66,6 +67,24 @@ class Log:
 
 log = Log()
 cfg = json.loads(sys.argv[1])
+
+# Faults the tests inject into this stand-in (never into the pytest process):
+if cfg.get("drop_status"):
+    # Status lines the daemon never gets to read (the guard stalled or died before writing).
+    real_on_status = ExecSupervisor._on_status
+
+    def on_status(self, guard, words):
+        if not (words and words[0] in cfg["drop_status"]):
+            real_on_status(self, guard, words)
+
+    ExecSupervisor._on_status = on_status
+if cfg.get("sticky_groups"):
+    # A group member that survives SIGKILL (uninterruptible sleep: a hung NFS or FUSE read):
+    # the daemon's check never sees the group gone.
+    import conductord.exec
+
+    conductord.exec.group_alive = lambda pgid: True
+
 sup = ExecSupervisor(
     cfg["argv"],
     node_id="node-a",
@@ -111,7 +130,7 @@ for raw in FileObjectPosix(0, "rb", close=False):
     elif verb == "stop":
         halt()
         began = lease_clock()
-        gone = sup.stop(float(args[0]))
+        gone = sup.stop(None if args[0] == "default" else float(args[0]))
         log.info("test.stopped", gone=gone, seconds=lease_clock() - began)
     elif verb == "snapshot":
         log.info(
@@ -503,3 +522,54 @@ def test_a_guard_killed_under_a_running_command_is_replaced(stand_in, child) -> 
     second = daemon.started()
     assert second["pid"] != first["pid"] and second["term"] == 3
     assert child.records.of("overlap") == []
+
+
+def wait_records(child: Any, event: str, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """The children's records of `event`, once there is one (polls the record file)."""
+    end = time.monotonic() + timeout
+    while not (found := child.records.of(event)):
+        assert time.monotonic() < end, f"no {event!r} record within {timeout} s"
+        time.sleep(0.02)
+    return found
+
+
+def test_a_group_not_confirmed_gone_blocks_new_runs_and_fails_the_stop(stand_in, child):
+    # The guard is killed under its command; the group check never sees the group empty (the
+    # stand-in's fault: a member stuck in uninterruptible sleep). Then no run may start beside
+    # it, and stop() must say False (the runtime keeps the lease: exec_group_not_gone),
+    # within its cap of stop grace + 1 s.
+    daemon = stand_in(child(), sticky_groups=True, backoff=[0.2, 0.8, 60], stop_grace_ms=500)
+    daemon.send("renew 3 0.25 3 1")
+    started = daemon.started()
+    (record,) = child.records.of("start")
+    os.kill(record["ppid"], signal.SIGKILL)
+    daemon.wait_for("exec.guard_died")
+    time.sleep(1.0 + 0.2 + 0.3)  # the group wait, the backoff, a margin: a run would be up
+    assert len(daemon.named("exec.started")) == 1, "a new run beside an unconfirmed group"
+    [not_gone] = daemon.named("exec.group_not_gone")
+    assert not_gone["pgid"] == started["pid"]
+    daemon.send("stop default")
+    stopped = daemon.wait_for("test.stopped")[0]
+    assert stopped["gone"] is False
+    assert stopped["seconds"] <= 0.5 + 1.0 + 0.3
+
+
+def test_a_silent_guard_whose_run_never_reported_still_has_its_group_killed(stand_in, child):
+    # The daemon never read `started` (the guard stalled right after forking) and the guard
+    # is silent: the fallback kill must still find the run's group, leftovers included.
+    daemon = stand_in(child(leftovers=True), drop_status=["started"], stop_grace_ms=300)
+    daemon.send("renew 3 0.25 3 1")
+    (record,) = wait_records(child, "start")
+    group, guard = [record["pid"], *record["leftovers"]], record["ppid"]
+    try:
+        os.kill(guard, signal.SIGSTOP)
+        daemon.send("lose leadership_lost")
+        unresponsive = daemon.wait_for("exec.guard_unresponsive", timeout=5)[0]
+        assert [pid for pid in group if not wait_gone(pid, 1.0)] == []
+        assert wait_gone(guard, 1.0)
+        assert unresponsive["pid"] is None and unresponsive["pgid"] == record["pid"]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(record["pid"], signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(guard, signal.SIGCONT)
