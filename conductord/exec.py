@@ -15,7 +15,9 @@ Interface for the runtime (every call from a greenlet of the daemon's hub; only 
         `clock.lease_clock()` seconds: the runtime's clock must be `lease_clock`, the one the
         guard reads. Starts the command (a new guard) or moves the guard's kill deadline; a
         new term stops the old group before the new one starts. Ignored after `stop`; a
-        `valid_until` already passed counts as `lose("deadline")`.
+        `valid_until` already passed counts as `lose("deadline")`. A `lose` or `stop` while
+        a guard is being spawned (Popen yields to the hub) stops that guard as soon as it
+        exists.
     sup.lose(reason)
         On every transition out of leader, at once: "leadership_lost" (another holder, the
         failure threshold, an identity conflict), "deadline" (the local deadline passed, or a
@@ -25,8 +27,8 @@ Interface for the runtime (every call from a greenlet of the daemon's hub; only 
         In `Runtime.stop`, after `lose("stopping")` (call that first thing, with
         `begin_stop`, so the SIGTERM goes out as the stop begins) and before the release:
         blocks until the group is gone (True), killing it with `killpg` if the guard stays
-        silent. False when that cannot be confirmed in time (a guard still under way, a
-        group that survived SIGKILL): the runtime then keeps the lease unreleased.
+        silent. False when that cannot be confirmed in time (a spawn or a guard still under
+        way, a group that survived SIGKILL): the runtime then keeps the lease unreleased.
         Default: returns at the latest `stop_timeout_s` (stop grace + 1 s) after
         `lose("stopping")`; an explicit timeout counts from the call. Idempotent; `lead` is
         ignored afterwards.
@@ -330,12 +332,14 @@ class ExecSupervisor:
         self._guard: _Guard | None = None
         self._next_run_at: float | None = None  # lease_clock; not before (backoff, period)
         self._closed = False
+        self._spawning: _Lead | None = None  # a guard is being spawned for this lead
+        self._lost: str = "leadership_lost"  # the reason of the last `lose`
         self._stop_began: float | None = None  # lease_clock of `lose("stopping")`
         # Process groups of ended guards that could not be confirmed gone: no new guard
         # starts, and `stop` cannot succeed, while one may still hold a live process.
         self._orphans: set[int] = set()
         self._wake = Event()
-        # Set while nothing of ours can run: no guard, no orphan group.
+        # Set while nothing of ours can run: no guard, no spawn under way, no orphan group.
         self._idle = Event()
         self._idle.set()
         self._driver: gevent.Greenlet | None = None
@@ -364,6 +368,7 @@ class ExecSupervisor:
             raise ValueError(f"unknown reason {reason!r}; expected one of {LOSE_REASONS}")
         self._lead = None
         self._next_run_at = None
+        self._lost = reason
         if reason == "stopping" and self._stop_began is None:
             self._stop_began = lease_clock()
         guard = self._guard
@@ -392,7 +397,7 @@ class ExecSupervisor:
             gone = self._idle.wait(max(end - lease_clock(), 0.0))
         if self._driver is not None:
             self._driver.kill(block=False)
-        # Never True while a guard or an unconfirmed group may leave a process alive.
+        # Never True while a spawn, a guard or an unconfirmed group may leave a process alive.
         return bool(gone) and self._guard is None and not self._orphans
 
     @property
@@ -424,7 +429,7 @@ class ExecSupervisor:
 
     def _settle(self) -> None:
         """Set `_idle` once nothing of ours can run any more."""
-        if self._guard is None and not self._orphans:
+        if self._guard is None and self._spawning is None and not self._orphans:
             self._idle.set()
 
     def _step(self, now: float) -> float | None:
@@ -434,6 +439,10 @@ class ExecSupervisor:
             self.lose("deadline")
             lead = None
         guard = self._guard
+        unled = guard is not None and (lead is None or lead.term != guard.term)
+        if guard is not None and unled and guard.stopping is None:
+            # Its lead ended (or a new term began) and the guard was not told: tell it now.
+            guard.stop(self._lost if lead is None else "leadership_lost")
         if self._orphans:
             for pgid in list(self._orphans):
                 if group_alive(pgid):
@@ -485,6 +494,10 @@ class ExecSupervisor:
             token=self._token,
         )
         self._next_run_at = None if self.every_s is None else now + self.every_s
+        # Popen yields to the hub while it waits for the guard's exec: from here on a `lose`
+        # or a `stop` must see that something is starting (`_idle` cleared).
+        self._spawning = lead
+        self._idle.clear()
         try:
             guard = _Guard(
                 self.argv,
@@ -494,13 +507,30 @@ class ExecSupervisor:
                 env=env,
             )
         except OSError as exc:
+            self._spawning = None
             self.log.error("exec.failed", term=lead.term, error=f"cannot start the guard: {exc}")
             self._retry_later(now, 0.0)
+            self._settle()
             return
+        except BaseException:
+            # Killed mid-spawn: `_Guard` closed the control pipe, so a guard that did start
+            # reads EOF and stops its group. `_idle` stays clear: nothing confirms it gone.
+            self._spawning = None
+            raise
+        self._spawning = None
         self._guard = guard
-        self._idle.clear()
         guard.pump = gevent.spawn(self._pump, guard)
         guard.pump.link_exception(self._crashed)
+        current = self._lead
+        if self._closed:
+            guard.stop("stopping")
+        elif current is None:
+            guard.stop(self._lost)  # lost during the spawn
+        elif current.term != lead.term:
+            self._next_run_at = None
+            guard.stop("leadership_lost")
+        elif current is not lead:
+            guard.extend(guard_deadline(current.lease_end, self.grace_s))  # renewed meanwhile
 
     def _retry_later(self, now: float, ran_for_s: float) -> None:
         if self.every_s is None and self._lead is not None:

@@ -69,6 +69,20 @@ log = Log()
 cfg = json.loads(sys.argv[1])
 
 # Faults the tests inject into this stand-in (never into the pytest process):
+if cfg.get("slow_spawn"):
+    # gevent's Popen yields to the hub while it waits for the guard's exec; stretch that
+    # window, with the guard process already running, so a test can act inside it.
+    import gevent.subprocess
+
+    real_popen = gevent.subprocess.Popen
+
+    def slow_popen(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)
+        log.info("test.spawning", guard_pid=proc.pid)
+        gevent.sleep(cfg["slow_spawn"])
+        return proc
+
+    gevent.subprocess.Popen = slow_popen
 if cfg.get("drop_status"):
     # Status lines the daemon never gets to read (the guard stalled or died before writing).
     real_on_status = ExecSupervisor._on_status
@@ -531,6 +545,30 @@ def wait_records(child: Any, event: str, timeout: float = 10.0) -> list[dict[str
         assert time.monotonic() < end, f"no {event!r} record within {timeout} s"
         time.sleep(0.02)
     return found
+
+
+@pytest.mark.parametrize("verb", ["lose leadership_lost", "stop 5"])
+def test_a_lose_or_a_stop_during_the_guard_spawn_still_stops_that_guard(
+    stand_in, child, verb
+) -> None:
+    # gevent's Popen yields to the hub while it waits for the guard's exec. A lose() then
+    # (the deadline watcher, another holder, an identity conflict) or a stop() must still
+    # reach the guard being born, not leave it running until its own deadline (~29 s here).
+    daemon = stand_in(child(), slow_spawn=0.5)
+    daemon.send("renew 3 0.25 30 1")
+    guard = daemon.wait_for("test.spawning")[0]["guard_pid"]
+    daemon.send(verb)
+    if verb.startswith("stop"):
+        stopped = daemon.wait_for("test.stopped", timeout=10)[0]
+        assert not alive(guard), "stop() returned while the guard it spawned still ran"
+        assert stopped["gone"] is True
+        reason = "stopping"
+    else:
+        daemon.wait_for("test.lost")
+        assert wait_gone(guard, 3.0), "the guard spawned during lose() was never stopped"
+        reason = "leadership_lost"
+    assert [r["pid"] for r in child.records.of("start") if alive(r["pid"])] == []
+    assert {e["reason"] for e in daemon.named("exec.exited")} <= {reason}
 
 
 def test_a_group_not_confirmed_gone_blocks_new_runs_and_fails_the_stop(stand_in, child):
