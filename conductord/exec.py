@@ -5,7 +5,8 @@ Interface for the runtime (every call from a greenlet of the daemon's hub; only 
     sup = ExecSupervisor(config.exec_argv, node_id=config.node_id, host=config.host,
                          token=config.shared_token, every_ms=config.exec_every_ms,
                          stop_grace_ms=config.exec_stop_grace_ms, log=log,
-                         on_crash=runtime.crash)
+                         on_crash=runtime.crash,
+                         lock_path=identity.exec_lock_path(config.paths.state_dir))
 
     sup.lead(term, valid_until, lease_end)
         After every successful lease cycle that leaves this node leader with the scheduler
@@ -40,6 +41,14 @@ Interface for the runtime (every call from a greenlet of the daemon's hub; only 
                                         present from the start)
 
 `start --run-once` and `diagnose` never construct one.
+
+`lock_path` (the runtime passes `state_dir/exec.lock` when a state dir is set): the guard
+holds an exclusive `flock` on it from before its first run until its whole group is gone, and
+a guard starts no run before it holds it (`exec.waiting`, once, while it waits). A daemon
+restarted right after `kill -9` with the same state dir keeps its instance id and renews the
+same term at once; without the lock its new command could start while the old guard is still
+in its SIGTERM grace. Without a state dir a restart is a new instance, which the server keeps
+standby until the old lease has expired, after the old guard's SIGKILL.
 
 Design: each leadership term gets one guard process (conductord/exec_guard.py, plain
 `python -I -S`, no gevent) that owns the command and holds a kill deadline of
@@ -212,6 +221,7 @@ class _Guard:
         deadline: float,
         grace_s: float,
         env: Mapping[str, str],
+        lock_path: str | None = None,
     ) -> None:
         self.term = term
         self.pid: int | None = None  # the current run's command (and process group)
@@ -228,6 +238,7 @@ class _Guard:
         self.gone_cause: str | None = None
         self.pump: gevent.Greenlet | None = None
         self.held: list[tuple[str, tuple[bytes, bool]]] = []  # output before `started`
+        self.waiting = False  # reported `waiting`: another guard holds the lock
 
         ctl_r, self.ctl_w = os.pipe()
         self.status_r, status_w = os.pipe()
@@ -245,6 +256,7 @@ class _Guard:
                     repr(deadline),
                     repr(grace_s),
                     str(status_w),
+                    *(("--lock", lock_path) if lock_path is not None else ()),
                     "--",
                     *argv,
                 ],
@@ -307,6 +319,7 @@ class ExecSupervisor:
         environ: Mapping[str, str] | None = None,
         backoff: Backoff | None = None,
         on_crash: Callable[[BaseException], None] | None = None,
+        lock_path: str | None = None,
     ) -> None:
         if not argv:
             raise ValueError("the exec command is empty")
@@ -322,6 +335,7 @@ class ExecSupervisor:
         self._environ = environ
         self._backoff = backoff or Backoff()
         self._on_crash = on_crash
+        self.lock_path = lock_path
 
         self.starts_total = 0
         self.exits_total: Counter[str] = Counter(dict.fromkeys(EXIT_REASONS, 0))
@@ -469,7 +483,7 @@ class ExecSupervisor:
         elif due is not None and now >= due:
             if not guard.busy:
                 guard.run_again()
-            elif self.every_s is not None:
+            elif self.every_s is not None and not guard.waiting:
                 self.log.info(
                     "exec.skipped", term=guard.term, run=guard.run_no, running_pid=guard.pid
                 )
@@ -505,6 +519,7 @@ class ExecSupervisor:
                 deadline=guard_deadline(lead.lease_end, self.grace_s),
                 grace_s=self.grace_s,
                 env=env,
+                lock_path=self.lock_path,
             )
         except OSError as exc:
             self._spawning = None
@@ -654,6 +669,16 @@ class ExecSupervisor:
         verb, args = words[0], words[1:]
         if verb == "group" and len(args) == 1:
             guard.group = int(args[0])
+        elif verb == "waiting":
+            guard.waiting = True
+            self.log.warning(
+                "exec.waiting",
+                term=guard.term,
+                lock=self.lock_path,
+                holder_pid=int(args[0]) if args and args[0].isdigit() else None,
+                message="the previous guard of this state dir is still stopping its group;"
+                " the command starts once it is gone",
+            )
         elif verb == "started" and len(args) == 1:
             self._on_started(guard, int(args[0]))
         elif verb == "exited" and len(args) == 5:
@@ -675,6 +700,7 @@ class ExecSupervisor:
         self.runs += 1
         self.starts_total += 1
         guard.pending = False
+        guard.waiting = False
         guard.pid = pid
         guard.group = pid
         guard.run_no = self.runs

@@ -230,6 +230,7 @@ class Runtime:
                 every_ms=config.exec_every_ms,
                 stop_grace_ms=config.exec_stop_grace_ms,
                 on_crash=self.crash,
+                lock_path=identity.exec_lock_path(config.paths.state_dir),
             )
         self._rng = random.Random()
         self._group = Group()
