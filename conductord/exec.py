@@ -5,7 +5,8 @@ Interface for the runtime (every call from a greenlet of the daemon's hub; only 
     sup = ExecSupervisor(config.exec_argv, node_id=config.node_id, host=config.host,
                          token=config.shared_token, every_ms=config.exec_every_ms,
                          stop_grace_ms=config.exec_stop_grace_ms, log=log,
-                         on_crash=runtime.crash)
+                         on_crash=runtime.crash,
+                         lock_path=identity.exec_lock_path(config.paths.state_dir))
 
     sup.lead(term, valid_until, lease_end)
         After every successful lease cycle that leaves this node leader with the scheduler
@@ -15,7 +16,9 @@ Interface for the runtime (every call from a greenlet of the daemon's hub; only 
         `clock.lease_clock()` seconds: the runtime's clock must be `lease_clock`, the one the
         guard reads. Starts the command (a new guard) or moves the guard's kill deadline; a
         new term stops the old group before the new one starts. Ignored after `stop`; a
-        `valid_until` already passed counts as `lose("deadline")`.
+        `valid_until` already passed counts as `lose("deadline")`. A `lose` or `stop` while
+        a guard is being spawned (Popen yields to the hub) stops that guard as soon as it
+        exists.
     sup.lose(reason)
         On every transition out of leader, at once: "leadership_lost" (another holder, the
         failure threshold, an identity conflict), "deadline" (the local deadline passed, or a
@@ -25,7 +28,11 @@ Interface for the runtime (every call from a greenlet of the daemon's hub; only 
         In `Runtime.stop`, after `lose("stopping")` (call that first thing, with
         `begin_stop`, so the SIGTERM goes out as the stop begins) and before the release:
         blocks until the group is gone (True), killing it with `killpg` if the guard stays
-        silent. Default timeout: stop grace + 1.5 s. Idempotent; `lead` is ignored afterwards.
+        silent. False when that cannot be confirmed in time (a spawn or a guard still under
+        way, a group that survived SIGKILL): the runtime then keeps the lease unreleased.
+        Default: returns at the latest `stop_timeout_s` (stop grace + 1 s) after
+        `lose("stopping")`; an explicit timeout counts from the call. Idempotent; `lead` is
+        ignored afterwards.
     sup.snapshot()                      the snapshot's `exec` section (`disabled_snapshot()`
                                         when `--exec` is not set)
     sup.running, sup.starts_total, sup.exits_total[reason]
@@ -34,6 +41,14 @@ Interface for the runtime (every call from a greenlet of the daemon's hub; only 
                                         present from the start)
 
 `start --run-once` and `diagnose` never construct one.
+
+`lock_path` (the runtime passes `state_dir/exec.lock` when a state dir is set): the guard
+holds an exclusive `flock` on it from before its first run until its whole group is gone, and
+a guard starts no run before it holds it (`exec.waiting`, once, while it waits). A daemon
+restarted right after `kill -9` with the same state dir keeps its instance id and renews the
+same term at once; without the lock its new command could start while the old guard is still
+in its SIGTERM grace. Without a state dir a restart is a new instance, which the server keeps
+standby until the old lease has expired, after the old guard's SIGKILL.
 
 Design: each leadership term gets one guard process (conductord/exec_guard.py, plain
 `python -I -S`, no gevent) that owns the command and holds a kill deadline of
@@ -67,6 +82,8 @@ from gevent import subprocess as gsubprocess
 from gevent.event import Event
 
 from conductord.clock import lease_clock
+from conductord.exec_guard import group_alive, kill_group
+from conductord.redact import holds_secret
 
 GUARD_PATH: Final = os.path.join(os.path.dirname(os.path.abspath(__file__)), "exec_guard.py")
 # The guard's SIGKILL lands this long before the lease could be granted elsewhere; the timing
@@ -84,6 +101,11 @@ DRIVER_CAP_S: Final = 1.0
 HELD_LINES_MAX: Final = 256
 # After a guard vanished without a report: how long to wait for its group to empty.
 ORPHAN_WAIT_S: Final = 1.0
+# `stop`: after the forced kill (grace + FALLBACK_AFTER_S after the stop began), how long the
+# group may take to be confirmed gone before `stop` gives up and returns False.
+FORCE_WAIT_S: Final = 0.5
+# How often the driver re-kills and re-checks a group that could not be confirmed gone.
+ORPHAN_POLL_S: Final = 0.1
 
 
 def guard_deadline(lease_end: float, stop_grace_s: float) -> float:
@@ -94,11 +116,16 @@ def guard_deadline(lease_end: float, stop_grace_s: float) -> float:
 def child_environment(
     base: Mapping[str, str], *, term: int, node_id: str, host: str, token: str | None
 ) -> dict[str, str]:
-    """The command's environment: the daemon's, without the token, plus CONDUCTORD_*."""
+    """The command's environment: the daemon's, without the token, plus CONDUCTORD_*.
+
+    Dropped: BAA_SHARED_TOKEN, BAA_SHARED_TOKEN_FILE, and every variable whose value holds the
+    token or a piece of it of 8 characters or more (`redact.holds_secret`, the test the logs
+    are redacted by), so a value with a cut or embedded copy of the token never reaches it.
+    """
     env = {
         key: value
         for key, value in base.items()
-        if key not in TOKEN_VARIABLES and not (token and token in value)
+        if key not in TOKEN_VARIABLES and not holds_secret(value, token)
     }
     env["CONDUCTORD_TERM"] = str(term)
     env["CONDUCTORD_NODE_ID"] = node_id
@@ -194,9 +221,13 @@ class _Guard:
         deadline: float,
         grace_s: float,
         env: Mapping[str, str],
+        lock_path: str | None = None,
     ) -> None:
         self.term = term
         self.pid: int | None = None  # the current run's command (and process group)
+        # The current run's process group as soon as it exists (`group`, written by the
+        # command's process before its exec): known even when `started` never arrives.
+        self.group: int | None = None
         self.last_pid: int | None = None
         self.run_no: int | None = None
         self.run_started: float | None = None
@@ -207,6 +238,7 @@ class _Guard:
         self.gone_cause: str | None = None
         self.pump: gevent.Greenlet | None = None
         self.held: list[tuple[str, tuple[bytes, bool]]] = []  # output before `started`
+        self.waiting = False  # reported `waiting`: another guard holds the lock
 
         ctl_r, self.ctl_w = os.pipe()
         self.status_r, status_w = os.pipe()
@@ -224,6 +256,7 @@ class _Guard:
                     repr(deadline),
                     repr(grace_s),
                     str(status_w),
+                    *(("--lock", lock_path) if lock_path is not None else ()),
                     "--",
                     *argv,
                 ],
@@ -286,6 +319,7 @@ class ExecSupervisor:
         environ: Mapping[str, str] | None = None,
         backoff: Backoff | None = None,
         on_crash: Callable[[BaseException], None] | None = None,
+        lock_path: str | None = None,
     ) -> None:
         if not argv:
             raise ValueError("the exec command is empty")
@@ -301,6 +335,7 @@ class ExecSupervisor:
         self._environ = environ
         self._backoff = backoff or Backoff()
         self._on_crash = on_crash
+        self.lock_path = lock_path
 
         self.starts_total = 0
         self.exits_total: Counter[str] = Counter(dict.fromkeys(EXIT_REASONS, 0))
@@ -311,7 +346,14 @@ class ExecSupervisor:
         self._guard: _Guard | None = None
         self._next_run_at: float | None = None  # lease_clock; not before (backoff, period)
         self._closed = False
+        self._spawning: _Lead | None = None  # a guard is being spawned for this lead
+        self._lost: str = "leadership_lost"  # the reason of the last `lose`
+        self._stop_began: float | None = None  # lease_clock of `lose("stopping")`
+        # Process groups of ended guards that could not be confirmed gone: no new guard
+        # starts, and `stop` cannot succeed, while one may still hold a live process.
+        self._orphans: set[int] = set()
         self._wake = Event()
+        # Set while nothing of ours can run: no guard, no spawn under way, no orphan group.
         self._idle = Event()
         self._idle.set()
         self._driver: gevent.Greenlet | None = None
@@ -340,23 +382,37 @@ class ExecSupervisor:
             raise ValueError(f"unknown reason {reason!r}; expected one of {LOSE_REASONS}")
         self._lead = None
         self._next_run_at = None
+        self._lost = reason
+        if reason == "stopping" and self._stop_began is None:
+            self._stop_began = lease_clock()
         guard = self._guard
         if guard is not None and guard.stopping is None:
             guard.stop(reason)
         self._wake.set()
 
+    @property
+    def stop_timeout_s(self) -> float:
+        """The longest `stop()` takes by default, counted from `lose("stopping")`."""
+        return self.grace_s + FALLBACK_AFTER_S + FORCE_WAIT_S
+
     def stop(self, timeout: float | None = None) -> bool:
-        if timeout is None:
-            timeout = self.grace_s + FALLBACK_AFTER_S + 1.0
         self._closed = True
         self.lose("stopping")
-        gone = self._idle.wait(timeout)
-        if not gone and self._guard is not None:
-            self._force(self._guard)
-            gone = self._idle.wait(ORPHAN_WAIT_S + 1.0)
+        assert self._stop_began is not None
+        end = self._stop_began + self.stop_timeout_s if timeout is None else lease_clock() + timeout
+        # The driver forces a silent guard at grace + FALLBACK_AFTER_S; this is the backstop
+        # (a driver that never ran, or a timeout shorter than that).
+        gone = self._idle.wait(max(end - FORCE_WAIT_S - lease_clock(), 0.0))
+        if not gone:
+            if self._guard is not None:
+                self._force(self._guard)
+            for pgid in self._orphans:
+                kill_group(pgid, signal.SIGKILL)
+            gone = self._idle.wait(max(end - lease_clock(), 0.0))
         if self._driver is not None:
             self._driver.kill(block=False)
-        return bool(gone)
+        # Never True while a spawn, a guard or an unconfirmed group may leave a process alive.
+        return bool(gone) and self._guard is None and not self._orphans
 
     @property
     def running(self) -> bool:
@@ -381,9 +437,14 @@ class ExecSupervisor:
             self._driver.link_exception(self._crashed)
 
     def _drive(self) -> None:
-        while not (self._closed and self._guard is None):
+        while not (self._closed and self._idle.is_set()):
             self._wake.clear()
             self._wake.wait(self._step(lease_clock()))
+
+    def _settle(self) -> None:
+        """Set `_idle` once nothing of ours can run any more."""
+        if self._guard is None and self._spawning is None and not self._orphans:
+            self._idle.set()
 
     def _step(self, now: float) -> float | None:
         """Act on the current state; returns how long to wait before the next step."""
@@ -392,6 +453,20 @@ class ExecSupervisor:
             self.lose("deadline")
             lead = None
         guard = self._guard
+        unled = guard is not None and (lead is None or lead.term != guard.term)
+        if guard is not None and unled and guard.stopping is None:
+            # Its lead ended (or a new term began) and the guard was not told: tell it now.
+            guard.stop(self._lost if lead is None else "leadership_lost")
+        if self._orphans:
+            for pgid in list(self._orphans):
+                if group_alive(pgid):
+                    kill_group(pgid, signal.SIGKILL)
+                else:
+                    self._orphans.discard(pgid)
+                    self.log.info("exec.group_gone", pgid=pgid)
+            if self._orphans:
+                return ORPHAN_POLL_S  # never a new run while an old group may live
+            self._settle()
         if guard is not None and guard.stopping is not None:
             assert guard.stop_sent_at is not None
             due = guard.stop_sent_at + self.grace_s + FALLBACK_AFTER_S
@@ -408,7 +483,7 @@ class ExecSupervisor:
         elif due is not None and now >= due:
             if not guard.busy:
                 guard.run_again()
-            elif self.every_s is not None:
+            elif self.every_s is not None and not guard.waiting:
                 self.log.info(
                     "exec.skipped", term=guard.term, run=guard.run_no, running_pid=guard.pid
                 )
@@ -433,6 +508,10 @@ class ExecSupervisor:
             token=self._token,
         )
         self._next_run_at = None if self.every_s is None else now + self.every_s
+        # Popen yields to the hub while it waits for the guard's exec: from here on a `lose`
+        # or a `stop` must see that something is starting (`_idle` cleared).
+        self._spawning = lead
+        self._idle.clear()
         try:
             guard = _Guard(
                 self.argv,
@@ -440,15 +519,33 @@ class ExecSupervisor:
                 deadline=guard_deadline(lead.lease_end, self.grace_s),
                 grace_s=self.grace_s,
                 env=env,
+                lock_path=self.lock_path,
             )
         except OSError as exc:
+            self._spawning = None
             self.log.error("exec.failed", term=lead.term, error=f"cannot start the guard: {exc}")
             self._retry_later(now, 0.0)
+            self._settle()
             return
+        except BaseException:
+            # Killed mid-spawn: `_Guard` closed the control pipe, so a guard that did start
+            # reads EOF and stops its group. `_idle` stays clear: nothing confirms it gone.
+            self._spawning = None
+            raise
+        self._spawning = None
         self._guard = guard
-        self._idle.clear()
         guard.pump = gevent.spawn(self._pump, guard)
         guard.pump.link_exception(self._crashed)
+        current = self._lead
+        if self._closed:
+            guard.stop("stopping")
+        elif current is None:
+            guard.stop(self._lost)  # lost during the spawn
+        elif current.term != lead.term:
+            self._next_run_at = None
+            guard.stop("leadership_lost")
+        elif current is not lead:
+            guard.extend(guard_deadline(current.lease_end, self.grace_s))  # renewed meanwhile
 
     def _retry_later(self, now: float, ran_for_s: float) -> None:
         if self.every_s is None and self._lead is not None:
@@ -459,13 +556,19 @@ class ExecSupervisor:
         if guard.forced:
             return
         guard.forced = True
+        group = guard.group if guard.group is not None else guard.pid
         self.log.warning(
-            "exec.guard_unresponsive", term=guard.term, guard_pid=guard.proc.pid, pid=guard.pid
+            "exec.guard_unresponsive",
+            term=guard.term,
+            guard_pid=guard.proc.pid,
+            pid=guard.pid,
+            pgid=group,
         )
-        if guard.pid is not None:
-            _kill_group(guard.pid, signal.SIGKILL)
+        if group is not None:
+            kill_group(group, signal.SIGKILL)
         guard.proc.kill()
         guard.close_control()
+        # A run forked just now reports its group before its exec; `_guard_ended` kills it.
 
     def _crashed(self, greenlet: gevent.Greenlet) -> None:
         exc = greenlet.exception
@@ -564,13 +667,26 @@ class ExecSupervisor:
         if not words:
             return
         verb, args = words[0], words[1:]
-        if verb == "started" and len(args) == 1:
+        if verb == "group" and len(args) == 1:
+            guard.group = int(args[0])
+        elif verb == "waiting":
+            guard.waiting = True
+            self.log.warning(
+                "exec.waiting",
+                term=guard.term,
+                lock=self.lock_path,
+                holder_pid=int(args[0]) if args and args[0].isdigit() else None,
+                message="the previous guard of this state dir is still stopping its group;"
+                " the command starts once it is gone",
+            )
+        elif verb == "started" and len(args) == 1:
             self._on_started(guard, int(args[0]))
         elif verb == "exited" and len(args) == 5:
             pid, kind, value, seconds, cause = args
             self._on_exited(guard, int(pid), kind, int(value), float(seconds), cause)
         elif verb == "failed":
             guard.pending = False
+            guard.group = None  # an exec that failed: that process was waited for
             self._release_held(guard)
             self.log.error("exec.failed", term=guard.term, error=" ".join(args))
             self._retry_later(lease_clock(), 0.0)
@@ -584,7 +700,9 @@ class ExecSupervisor:
         self.runs += 1
         self.starts_total += 1
         guard.pending = False
+        guard.waiting = False
         guard.pid = pid
+        guard.group = pid
         guard.run_no = self.runs
         guard.run_started = lease_clock()
         self.log.info("exec.started", pid=pid, term=guard.term, run=guard.run_no)
@@ -624,6 +742,7 @@ class ExecSupervisor:
         )
         guard.last_pid = pid
         guard.pid = None
+        guard.group = None
 
     def _still_leading(self, guard: _Guard) -> bool:
         lead = self._lead
@@ -644,12 +763,23 @@ class ExecSupervisor:
                 guard_pid=guard.proc.pid,
                 returncode=guard.proc.returncode,
             )
+        group = guard.group
+        if group is not None:
+            # The guard died under a run (Linux already killed the command through
+            # PR_SET_PDEATHSIG, not its descendants): kill what is left of the group from
+            # here, and say "gone" only once that is confirmed.
+            kill_group(group, signal.SIGKILL)
+            if not _wait_group_gone(group, ORPHAN_WAIT_S):
+                self._orphans.add(group)
+                self.log.error(
+                    "exec.group_not_gone",
+                    term=guard.term,
+                    pgid=group,
+                    message="a process of the --exec group survived SIGKILL; no new run"
+                    " starts, and a stop keeps the lease, until it is gone",
+                )
         if guard.pid is not None:
-            # The guard died under a running command (Linux already killed the command
-            # through PR_SET_PDEATHSIG): kill what is left of the group from here.
             pid = guard.pid
-            _kill_group(pid, signal.SIGKILL)
-            _wait_group_gone(pid, ORPHAN_WAIT_S)
             began = guard.run_started if guard.run_started is not None else lease_clock()
             seconds = lease_clock() - began
             self._record_exit(
@@ -661,7 +791,7 @@ class ExecSupervisor:
             self._retry_later(lease_clock(), 0.0)  # died before its run began
         if self._guard is guard:
             self._guard = None
-            self._idle.set()
+            self._settle()
         self._wake.set()
 
 
@@ -672,40 +802,10 @@ def _signal_name(signum: int) -> str:
         return str(signum)
 
 
-def _kill_group(pgid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signum)
-
-
 def _wait_group_gone(pgid: int, timeout: float) -> bool:
     end = lease_clock() + timeout
-    while _group_running(pgid):
+    while group_alive(pgid):
         if lease_clock() >= end:
             return False
         gevent.sleep(0.02)
     return True
-
-
-def _group_running(pgid: int) -> bool:
-    """True while a process of the group can still run (zombies are dead, not running)."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    if not sys.platform.startswith("linux"):
-        return True
-    # killpg also finds zombies, and their new parent (init, or a container's pid 1 that
-    # never reaps) decides when they go: look for a member that is not one.
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            return True
-    return False

@@ -1,17 +1,18 @@
 """The `--exec` guard: a tiny process that owns the leader's command and kills it on time.
 
 Run by the daemon (conductord/exec.py) as
-`python -I -S exec_guard.py DEADLINE GRACE STATUS_FD -- ARGV...`, with its stdin the read end
-of a control pipe, its stdout/stderr the command's own output pipes to the daemon, and its
-environment already prepared for the command. Standard library only and no package imports:
-it loads conductord/clock.py by file path, so it reads the same sleep-counting clock as the
-daemon (CLOCK_BOOTTIME on Linux), and starts in a few tens of milliseconds.
+`python -I -S exec_guard.py DEADLINE GRACE STATUS_FD [--lock PATH] -- ARGV...`, with its stdin
+the read end of a control pipe, its stdout/stderr the command's own output pipes to the
+daemon, and its environment already prepared for the command. Standard library only and no
+package imports: it loads conductord/clock.py by file path, so it reads the same sleep-counting
+clock as the daemon (CLOCK_BOOTTIME on Linux), and starts in a few tens of milliseconds.
 
-It starts the command at once (argv, no shell) in a new process group with stdin /dev/null,
-then waits on three things in one `select` loop, reading the clock afresh on every pass: the
-control pipe, the command's exit (SIGCHLD through `signal.set_wakeup_fd`), and its deadline
-(on Linux a CLOCK_BOOTTIME timerfd, which also fires right after a system sleep; elsewhere the
-wait is capped at 250 ms). Control lines from the daemon:
+It starts the command at once (argv, no shell; with `--lock` only once it holds the lock, see
+below) in a new process group with stdin /dev/null, then waits on three things in one `select`
+loop, reading the clock afresh on every pass: the control pipe, the command's exit (SIGCHLD
+through `signal.set_wakeup_fd`), and its deadline (on Linux a CLOCK_BOOTTIME timerfd, which
+also fires right after a system sleep; elsewhere the wait is capped at 250 ms). Control lines
+from the daemon:
 
     D <deadline>   move the kill deadline (lease_clock seconds)
     R              start the command once more (periodic runs, restarts); ignored while busy
@@ -21,6 +22,13 @@ wait is capped at 250 ms). Control lines from the daemon:
 When the deadline passes the guard does what `S deadline` does. SIGTERM, SIGINT or SIGHUP to
 the guard itself is `S signal`. Reports on the status pipe (fd STATUS_FD), one line each:
 
+    group <pgid>                                written by the command's own process between
+                                                fork and exec: the run's process group exists
+                                                (so the daemon can kill it even when the guard
+                                                dies or stalls before `started`)
+    waiting <holder pid | ->                    the lock is held by another guard; reported
+                                                once, the guard retries every 50 ms until it
+                                                holds the lock, its deadline passes or `S`
     started <pid>                               a run began; pid is the command's own
     exited <pid> exit|signal <n> <seconds> <cause>
                                                 the run's whole group is gone; cause is
@@ -35,12 +43,22 @@ no process of the group is left. On Linux the guard is a child subreaper
 here, and the command gets PR_SET_PDEATHSIG=SIGKILL, so a `kill -9` of the guard itself still
 kills the command (not its descendants: the daemon, if alive, kills the group then).
 
+The lock (`--lock PATH`, the daemon passes `state_dir/exec.lock`): an exclusive `flock` taken
+before the first run and held until the guard exits, i.e. until no process of its group is
+left. A daemon restarted at once after `kill -9` keeps its instance id (state dir) and resumes
+its lease in the same term; its new guard starts nothing while the old guard still stops the
+old group. The descriptor is close-on-exec and the command is spawned with `close_fds`, so the
+command never holds it. After acquiring it the guard writes its pid into the file (reported by
+a waiting guard as the holder).
+
 Limits: a process that leaves the group (`setsid`, `setpgid`) is outside the guarantee. A
 frozen machine freezes the guard with the child. The guard trusts the deadlines it is given;
 it never starts a run at or after its deadline.
 """
 
 import contextlib
+import errno
+import fcntl
 import importlib.util
 import os
 import select
@@ -54,6 +72,8 @@ POLL_CAP_S = 0.25
 TIMERFD_CAP_S = 5.0
 # While waiting for a killed group to empty (zombies reaped by someone else, e.g. launchd).
 GROUP_POLL_S = 0.02
+# While another guard holds the lock.
+LOCK_POLL_S = 0.05
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 PR_SET_PDEATHSIG = 1
@@ -70,7 +90,7 @@ def load_lease_clock():
     spec = importlib.util.spec_from_file_location("_conductord_clock", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.lease_clock, module.CLOCK_NAME
+    return module.lease_clock
 
 
 class Linux:
@@ -121,7 +141,7 @@ class Run:
 
 
 class Guard:
-    def __init__(self, argv, deadline, grace, status_fd, clock, linux):
+    def __init__(self, argv, deadline, grace, status_fd, clock, linux, lock_path=None):
         self.argv = argv
         self.deadline = deadline
         self.grace = grace
@@ -137,6 +157,9 @@ class Guard:
         self.timer_fd = None
         self.timer_at = None
         self.wake_r = None
+        self.lock_path = lock_path
+        self.lock_fd = None  # open and flock-ed: held until the guard exits
+        self.waiting_reported = False
 
     # -- setup -----------------------------------------------------------------
 
@@ -160,12 +183,16 @@ class Guard:
             self.stop_cause = "signal"
 
     def preexec(self):
-        # In the child, between fork and exec: die with the guard (Linux), and make sure the
+        # In the child, between fork and exec (its process group already set): tell the
+        # daemon the group first, so it can kill the group even if the guard stalls or dies
+        # before reporting `started`; then die with the guard (Linux), and make sure the
         # guard did not die before the request was in place.
+        with contextlib.suppress(OSError):
+            os.write(self.status_fd, f"group {os.getpgid(0)}\n".encode("ascii"))
         if self.linux is not None:
             self.linux.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-            if os.getppid() != self.pid:
-                os._exit(1)
+        if os.getppid() != self.pid:
+            os._exit(1)
 
     # -- the loop ----------------------------------------------------------------
 
@@ -185,9 +212,10 @@ class Guard:
                 if self.stop_cause is not None:
                     self.report("gone", self.stop_cause)
                     return 0
-                if self.want_run:
+                # Never at or after the deadline: that set stop_cause above.
+                if self.want_run and self.take_lock():
                     self.want_run = False
-                    self.start_run(now)
+                    self.start_run()
                     continue
             self.wait(self.timeout(self.clock()))
 
@@ -222,6 +250,8 @@ class Guard:
         cap = TIMERFD_CAP_S if self.timer_fd is not None else POLL_CAP_S
         if run is not None and (run.status is not None or run.killed):
             cap = GROUP_POLL_S
+        elif run is None and self.want_run and self.stop_cause is None:
+            cap = LOCK_POLL_S  # only while the lock is taken: otherwise the run starts now
         if at is not None and self.timer_fd is not None and at != self.timer_at:
             if self.linux.arm(self.timer_fd, at):
                 self.timer_at = at
@@ -287,9 +317,36 @@ class Guard:
 
     # -- runs --------------------------------------------------------------------
 
-    def start_run(self, now):
-        if now >= self.deadline:
-            return
+    def take_lock(self):
+        """True once this guard holds the lock (or runs without one)."""
+        if self.lock_path is None or self.lock_fd is not None:
+            return True
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            self.want_run = False  # the daemon retries with `R`, like a failed exec
+            self.report("failed", one_line(f"lock {self.lock_path}: {exc.strerror or exc}"))
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = read_holder(fd)
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                if not self.waiting_reported:
+                    self.waiting_reported = True
+                    self.report("waiting", holder)
+            else:
+                self.want_run = False
+                self.report("failed", one_line(f"lock {self.lock_path}: {exc.strerror or exc}"))
+            return False
+        self.lock_fd = fd
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{self.pid}\n".encode("ascii"), 0)
+        return True
+
+    def start_run(self):
         try:
             popen = subprocess.Popen(
                 self.argv,
@@ -330,18 +387,49 @@ class Guard:
 
 
 def group_alive(pgid):
+    """True while a process of the group can still run (a zombie is dead, not running).
+
+    Shared with the daemon (conductord/exec.py imports it): one definition of "gone".
+    """
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    if not sys.platform.startswith("linux"):
+        return True
+    # killpg also finds zombies, and their new parent (init, or a container's pid 1 that
+    # never reaps) decides when they go: look for a member that is not one.
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return True
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+                return True
+        except (OSError, IndexError, ValueError):
+            continue
+    return False
 
 
 def kill_group(pgid, signum):
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signum)
+
+
+def read_holder(fd):
+    """The pid the lock's holder wrote into the file, or `-`."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return "-"
+    return text if text.isdigit() else "-"
 
 
 def drain(fd):
@@ -362,21 +450,29 @@ def one_line(text):
     return " ".join(str(text).split())[:512]
 
 
+USAGE = "usage: exec_guard.py DEADLINE GRACE STATUS_FD [--lock PATH] -- ARGV..."
+
+
 def parse(argv):
-    if len(argv) < 5 or argv[3] != "--":
-        raise ValueError("usage: exec_guard.py DEADLINE GRACE STATUS_FD -- ARGV...")
-    return float(argv[0]), float(argv[1]), int(argv[2]), argv[4:]
+    """(deadline, grace, status_fd, lock_path or None, command argv)."""
+    head, lock = argv[:3], None
+    rest = argv[3:]
+    if rest[:1] == ["--lock"] and len(rest) >= 2:
+        lock, rest = rest[1], rest[2:]
+    if len(head) < 3 or len(rest) < 2 or rest[0] != "--":
+        raise ValueError(USAGE)
+    return float(head[0]), float(head[1]), int(head[2]), lock, rest[1:]
 
 
 def main(argv):
     try:
-        deadline, grace, status_fd, command = parse(argv)
+        deadline, grace, status_fd, lock, command = parse(argv)
     except ValueError as exc:
         sys.stderr.write(f"exec_guard: {exc}\n")
         return 2
-    clock, _ = load_lease_clock()
+    clock = load_lease_clock()
     linux = Linux() if sys.platform.startswith("linux") else None
-    guard = Guard(command, deadline, grace, status_fd, clock, linux)
+    guard = Guard(command, deadline, grace, status_fd, clock, linux, lock)
     guard.setup()
     return guard.serve()
 

@@ -13,6 +13,10 @@ controller id from another instance.
   old instance's lease is released or expires, up to one TTL.
 - One-shot runs (`diagnose`, `scripts/run_once.py`, `start --run-once`) use a fresh id and take
   no lock: they must never pass for the running daemon.
+- `state_dir/exec.lock` (`exec_lock_path`) is the `--exec` guards' lock: a guard holds it while
+  any process of its group may run, so the guard of a daemon restarted at once (same instance,
+  same term) starts its command only after the old guard's group is gone. The daemon itself
+  never holds it.
 
 Limits: `flock` locks are per host; a `state_dir` on a network file system shared by two
 machines may not be locked across them (give each machine its own state dir). A server that
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 from typing import IO
 
 INSTANCE_FILE = "instance"
+EXEC_LOCK_FILE = "exec.lock"
 _VALID_ID = re.compile(r"[0-9a-f]{16,64}")
 
 
@@ -55,6 +60,11 @@ class Instance:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+def exec_lock_path(state_dir: str | None) -> str | None:
+    """The `--exec` guards' lock file of `state_dir`; None without a state dir."""
+    return os.path.join(state_dir, EXEC_LOCK_FILE) if state_dir else None
 
 
 def ephemeral() -> Instance:

@@ -14,6 +14,10 @@ shares fewer than `min_piece` characters with a secret stays as it is. A secret 
 window of the secret when nothing matches (the usual case), and one set lookup per character
 of the text when something does.
 
+`holds_secret(text, secret)` is the same test as a yes/no answer: does `text` hold the secret,
+or a piece of it that `redact` would mask? (The `--exec` child's environment drops every
+variable whose value does.)
+
 `safe_text(text)` replaces lone surrogates (a JSON string may carry `"\\ud800"`, which cannot
 be encoded as UTF-8) by U+FFFD, so a server's string can be logged, served and printed.
 
@@ -40,7 +44,16 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["MASK", "MIN_PIECE", "clean", "redact", "safe_str", "safe_text", "server_text"]
+__all__ = [
+    "MASK",
+    "MIN_PIECE",
+    "clean",
+    "holds_secret",
+    "redact",
+    "safe_str",
+    "safe_text",
+    "server_text",
+]
 
 MASK = "***"
 MIN_PIECE = 8
@@ -76,6 +89,16 @@ def redact(text: str, secrets: Iterable[str | None], min_piece: int = MIN_PIECE)
                 break
             text = redacted
     return text
+
+
+def holds_secret(text: str, secret: str | None, min_piece: int = MIN_PIECE) -> bool:
+    """True when `redact(text, [secret])` would mask something: `text` holds the secret, or a
+    piece of it of `min_piece` characters or more (a secret shorter than that: only whole)."""
+    if not secret:
+        return False
+    if len(secret) < min_piece:
+        return secret in text
+    return any(window in text for window in _windows(secret, min_piece))
 
 
 @functools.lru_cache(maxsize=16)

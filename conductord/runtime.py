@@ -231,6 +231,7 @@ class Runtime:
                 every_ms=config.exec_every_ms,
                 stop_grace_ms=config.exec_stop_grace_ms,
                 on_crash=self.crash,
+                lock_path=identity.exec_lock_path(config.paths.state_dir),
             )
         self._rng = random.Random()
         self._group = Group()
@@ -633,6 +634,8 @@ class Runtime:
         if sup is None:
             return True
         try:
+            # Returns by stop grace + 1 s after the `lose("stopping")` at the start of `stop`
+            # (the release then still has about a request timeout of the stop budget).
             gone = sup.stop()
         except Exception as exc:
             self.crash(exc)

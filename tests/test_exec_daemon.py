@@ -233,6 +233,42 @@ def test_a_paused_leader_loses_its_command_before_the_lease_ends_and_never_resta
     assert overlaps(child) == []
 
 
+def test_a_leader_restarted_at_once_after_kill_9_waits_for_its_old_group(
+    fleet: Fleet, child: Any, tmp_path: Path
+) -> None:
+    # With a state dir the restarted daemon keeps its instance id and the server renews the
+    # same term at once: its command must not start while the old guard still stops the old
+    # one (here a job that takes 1.5 s to finish after SIGTERM, inside the 1.7 s grace).
+    # TTL 4 s, renew 2 s: a 2 s step-down margin, room for that grace (+ 250 ms).
+    args = [
+        *exec_args(child(term_delay=1.5)),
+        "--state-dir", str(tmp_path / "state"),
+        "--lease-ttl-sec", "4",
+        "--lease-renew-interval-ms", "2000",
+        "--exec-stop-grace-ms", "1700",
+    ]  # fmt: skip
+    first = fleet.node("a", *args)
+    term = started_term(first)
+    first.proc.kill()
+    again = fleet.node("a", *args)
+    started = again.wait_event("exec.started", timeout=15)
+    assert started["term"] == term  # the same term: fencing cannot tell the copies apart
+    # The new copy's first record: `start`, or `overlap` when the old one still held the flock.
+    end = time.monotonic() + 10
+    while not (mine := [r for r in child.records.all() if r["pid"] == started["pid"]]):
+        assert time.monotonic() < end, "the new copy wrote no record"
+        time.sleep(0.02)
+    assert [r["event"] for r in mine] == ["start"], "two copies of the command at once"
+    old, new = child.records.of("start")
+    (finished,) = child.records.of("term_exit")
+    assert finished["pid"] == old["pid"]
+    assert new["at"] > finished["at"], "the new copy started before the old one was gone"
+    [waiting] = again.named("exec.waiting")
+    assert waiting["term"] == term
+    assert waiting["lock"] == str(tmp_path / "state" / "exec.lock")
+    assert overlaps(child) == []
+
+
 # -- runs ---------------------------------------------------------------------------------------
 
 

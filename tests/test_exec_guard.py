@@ -46,6 +46,10 @@ def note(event, **fields):
 
 def on_term(signum, frame):
     note("sigterm")
+    if args.get("term_delay") is not None:
+        time.sleep(args["term_delay"])  # finishing a job, the flock still held
+        note("term_exit")
+        os._exit(0)
     if not args.get("ignore_term"):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
@@ -178,7 +182,9 @@ def wait_gone(pid: int, timeout: float) -> bool:
 class GuardProcess:
     """A guard started the way exec.py starts one, with this test holding every pipe end."""
 
-    def __init__(self, argv: list[str], *, deadline: float, grace: float) -> None:
+    def __init__(
+        self, argv: list[str], *, deadline: float, grace: float, lock: Path | None = None
+    ) -> None:
         ctl_r, self.ctl_w = os.pipe()
         self.status_r, status_w = os.pipe()
         self.out_r, out_w = os.pipe()
@@ -186,7 +192,7 @@ class GuardProcess:
         self.status_inode = os.fstat(status_w).st_ino
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-S", GUARD_PATH, repr(deadline), repr(grace),
-             str(status_w), "--", *argv],
+             str(status_w), *(["--lock", str(lock)] if lock else []), "--", *argv],
             stdin=ctl_r,
             stdout=out_w,
             stderr=out_w,
@@ -196,6 +202,7 @@ class GuardProcess:
             os.close(fd)
         self._buffers = {self.status_r: b"", self.out_r: b""}
         self.output: list[str] = []
+        self.groups: list[int] = []  # `group <pgid>` lines, written by each run before its exec
 
     def send(self, line: str) -> None:
         os.write(self.ctl_w, line.encode() + b"\n")
@@ -219,8 +226,16 @@ class GuardProcess:
         return line.decode()
 
     def status(self, timeout: float = 5.0) -> list[str] | None:
-        line = self._line(self.status_r, timeout)
-        return None if line is None else line.split()
+        """The next status line, except `group` lines (kept in `groups`, in order)."""
+        end = time.monotonic() + timeout
+        while True:
+            line = self._line(self.status_r, max(end - time.monotonic(), 0.0))
+            if line is None:
+                return None
+            words = line.split()
+            if words[:1] != ["group"]:
+                return words
+            self.groups.append(int(words[1]))
 
     def expect(self, verb: str, timeout: float = 5.0) -> list[str]:
         words = self.status(timeout)
@@ -255,8 +270,10 @@ class GuardProcess:
 def guards():
     started: list[GuardProcess] = []
 
-    def start(argv: list[str], *, deadline: float, grace: float = 0.5) -> GuardProcess:
-        guard = GuardProcess(argv, deadline=deadline, grace=grace)
+    def start(
+        argv: list[str], *, deadline: float, grace: float = 0.5, lock: Path | None = None
+    ) -> GuardProcess:
+        guard = GuardProcess(argv, deadline=deadline, grace=grace, lock=lock)
         started.append(guard)
         return guard
 
@@ -388,14 +405,18 @@ def test_what_the_command_leaves_behind_is_killed_too(guards, child) -> None:
 
 @linux_only
 def test_the_control_pipe_never_leaks_into_the_command(guards, child, tmp_path) -> None:
-    guard = guards(child(), deadline=lease_clock() + 60)
+    exec_lock = tmp_path / "exec.lock"
+    guard = guards(child(), deadline=lease_clock() + 60, lock=exec_lock)
     pid = guard.started()
+    assert guard.groups == [pid]  # the run's group, reported before its exec
     targets = {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in _fds(pid)}
     assert targets[0] == "/dev/null"
     assert f"pipe:[{guard.ctl_inode}]" not in targets.values()
     assert f"pipe:[{guard.status_inode}]" not in targets.values()
     extra = {fd: t for fd, t in targets.items() if fd > 2 and t != str(child.lock)}
-    assert extra == {}, extra
+    assert extra == {}, extra  # nor the guard's exec lock
+    guard_fds = [os.readlink(f"/proc/{guard.proc.pid}/fd/{fd}") for fd in _fds(guard.proc.pid)]
+    assert str(exec_lock) in guard_fds
     # The guard itself holds the control pipe's read end only, never a write end.
     for fd in _fds(guard.proc.pid):
         if os.readlink(f"/proc/{guard.proc.pid}/fd/{fd}") == f"pipe:[{guard.ctl_inode}]":
@@ -476,3 +497,31 @@ def test_a_guard_that_wakes_late_skips_the_grace(guards, child) -> None:
     assert wait_gone(pid, 2 * grace)
     assert lease_clock() - woke < 1.0
     assert guard.expect("exited")[1:3] == ["signal", str(int(signal.SIGKILL))]
+
+
+def test_a_guard_starts_nothing_while_another_holds_the_lock(guards, child, tmp_path) -> None:
+    # A daemon restarted at once after kill -9 (same state dir, same instance, same term):
+    # its new guard must wait until the old guard's group is gone. The flock children let the
+    # kernel say whether two copies ever ran at once.
+    lock = tmp_path / "exec.lock"
+    old = guards(child(term_delay=0.6), deadline=lease_clock() + 60, grace=2.0, lock=lock)
+    old_pid = old.started()
+    new = guards(child(), deadline=lease_clock() + 60, lock=lock)
+    assert new.expect("waiting") == [str(old.proc.pid)]  # the holder wrote its pid
+    late = guards(child(), deadline=lease_clock() + 0.5, lock=lock)
+    words = late.status()
+    if words is not None and words[0] == "waiting":  # (a guard slower to start than 0.5 s
+        words = late.status()  # finds its deadline passed before it tries the lock)
+    assert words == ["gone", "deadline"]  # never a run at or after its deadline
+    assert new.status(timeout=0.2) is None  # still waiting, and said so only once
+
+    old.close_control()  # the old daemon is gone: SIGTERM; the command ends its job first
+    assert old.expect("exited")[4] == "eof"
+    assert old.expect("gone") == ["eof"]
+    new_pid = new.started()
+    (term_exit,) = child.records.of("term_exit")
+    assert term_exit["pid"] == old_pid
+    second = next(r for r in child.records.of("start") if r["pid"] == new_pid)
+    assert second["at"] > term_exit["at"]
+    assert child.records.of("overlap") == []
+    assert len(child.records.of("start")) == 2  # the late guard started nothing

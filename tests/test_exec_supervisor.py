@@ -10,6 +10,7 @@ the pytest process itself (its SIGCHLD handling would reap other tests' children
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -66,6 +67,38 @@ class Log:
 
 log = Log()
 cfg = json.loads(sys.argv[1])
+
+# Faults the tests inject into this stand-in (never into the pytest process):
+if cfg.get("slow_spawn"):
+    # gevent's Popen yields to the hub while it waits for the guard's exec; stretch that
+    # window, with the guard process already running, so a test can act inside it.
+    import gevent.subprocess
+
+    real_popen = gevent.subprocess.Popen
+
+    def slow_popen(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)
+        log.info("test.spawning", guard_pid=proc.pid)
+        gevent.sleep(cfg["slow_spawn"])
+        return proc
+
+    gevent.subprocess.Popen = slow_popen
+if cfg.get("drop_status"):
+    # Status lines the daemon never gets to read (the guard stalled or died before writing).
+    real_on_status = ExecSupervisor._on_status
+
+    def on_status(self, guard, words):
+        if not (words and words[0] in cfg["drop_status"]):
+            real_on_status(self, guard, words)
+
+    ExecSupervisor._on_status = on_status
+if cfg.get("sticky_groups"):
+    # A group member that survives SIGKILL (uninterruptible sleep: a hung NFS or FUSE read):
+    # the daemon's check never sees the group gone.
+    import conductord.exec
+
+    conductord.exec.group_alive = lambda pgid: True
+
 sup = ExecSupervisor(
     cfg["argv"],
     node_id="node-a",
@@ -111,7 +144,7 @@ for raw in FileObjectPosix(0, "rb", close=False):
     elif verb == "stop":
         halt()
         began = lease_clock()
-        gone = sup.stop(float(args[0]))
+        gone = sup.stop(None if args[0] == "default" else float(args[0]))
         log.info("test.stopped", gone=gone, seconds=lease_clock() - began)
     elif verb == "snapshot":
         log.info(
@@ -284,8 +317,9 @@ def test_output_lines_become_exec_output_events(stand_in, child) -> None:
     daemon = stand_in(child(say=["hello", long, "bye"], say_err=["oops"]))
     daemon.send("renew 2 0.25 3 1")
     started = daemon.started()
-    outputs = daemon.wait_for("exec.output", where=lambda e: e["line"] == "bye")
-    assert outputs
+    # stdout and stderr are two pipes: their lines arrive in no fixed order between them.
+    for last in ("bye", "oops"):
+        daemon.wait_for("exec.output", where=lambda e, last=last: e["line"] == last)
     lines = {(e["stream"], e["line"][:10]): e for e in daemon.named("exec.output")}
     for key in (("stdout", "hello"), ("stdout", "x" * 10), ("stderr", "oops")):
         event = lines[key]
@@ -458,6 +492,18 @@ def test_child_environment_filters_every_trace_of_the_token() -> None:
     assert "BAA_SHARED_TOKEN_FILE" not in child_environment(
         base, term=1, node_id="n", host="h", token=None
     )
+    # A cut or embedded piece of a longer token (8+ characters, what the logs redact) goes
+    # too; a shorter overlap is no trace of it.
+    token = "0123456789abcdef0123"
+    pieces = {
+        "CUT": "Bearer 0123456789ab",
+        "INSIDE": "x-89abcdef01-y",
+        "SHORT": "x0123456y",
+        "PATH": "/bin",
+    }
+    env = child_environment(pieces, term=1, node_id="n", host="h", token=token)
+    assert sorted(env) == ["CONDUCTORD_HOST", "CONDUCTORD_NODE_ID", "CONDUCTORD_TERM", "PATH",
+                           "SHORT"]
 
 
 def test_a_stuck_guard_is_overruled_by_the_daemon(stand_in, child) -> None:
@@ -491,3 +537,78 @@ def test_a_guard_killed_under_a_running_command_is_replaced(stand_in, child) -> 
     second = daemon.started()
     assert second["pid"] != first["pid"] and second["term"] == 3
     assert child.records.of("overlap") == []
+
+
+def wait_records(child: Any, event: str, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """The children's records of `event`, once there is one (polls the record file)."""
+    end = time.monotonic() + timeout
+    while not (found := child.records.of(event)):
+        assert time.monotonic() < end, f"no {event!r} record within {timeout} s"
+        time.sleep(0.02)
+    return found
+
+
+@pytest.mark.parametrize("verb", ["lose leadership_lost", "stop 5"])
+def test_a_lose_or_a_stop_during_the_guard_spawn_still_stops_that_guard(
+    stand_in, child, verb
+) -> None:
+    # gevent's Popen yields to the hub while it waits for the guard's exec. A lose() then
+    # (the deadline watcher, another holder, an identity conflict) or a stop() must still
+    # reach the guard being born, not leave it running until its own deadline (~29 s here).
+    daemon = stand_in(child(), slow_spawn=0.5)
+    daemon.send("renew 3 0.25 30 1")
+    guard = daemon.wait_for("test.spawning")[0]["guard_pid"]
+    daemon.send(verb)
+    if verb.startswith("stop"):
+        stopped = daemon.wait_for("test.stopped", timeout=10)[0]
+        assert not alive(guard), "stop() returned while the guard it spawned still ran"
+        assert stopped["gone"] is True
+        reason = "stopping"
+    else:
+        daemon.wait_for("test.lost")
+        assert wait_gone(guard, 3.0), "the guard spawned during lose() was never stopped"
+        reason = "leadership_lost"
+    assert [r["pid"] for r in child.records.of("start") if alive(r["pid"])] == []
+    assert {e["reason"] for e in daemon.named("exec.exited")} <= {reason}
+
+
+def test_a_group_not_confirmed_gone_blocks_new_runs_and_fails_the_stop(stand_in, child):
+    # The guard is killed under its command; the group check never sees the group empty (the
+    # stand-in's fault: a member stuck in uninterruptible sleep). Then no run may start beside
+    # it, and stop() must say False (the runtime keeps the lease: exec_group_not_gone),
+    # within its cap of stop grace + 1 s.
+    daemon = stand_in(child(), sticky_groups=True, backoff=[0.2, 0.8, 60], stop_grace_ms=500)
+    daemon.send("renew 3 0.25 3 1")
+    started = daemon.started()
+    (record,) = child.records.of("start")
+    os.kill(record["ppid"], signal.SIGKILL)
+    daemon.wait_for("exec.guard_died")
+    time.sleep(1.0 + 0.2 + 0.3)  # the group wait, the backoff, a margin: a run would be up
+    assert len(daemon.named("exec.started")) == 1, "a new run beside an unconfirmed group"
+    [not_gone] = daemon.named("exec.group_not_gone")
+    assert not_gone["pgid"] == started["pid"]
+    daemon.send("stop default")
+    stopped = daemon.wait_for("test.stopped")[0]
+    assert stopped["gone"] is False
+    assert stopped["seconds"] <= 0.5 + 1.0 + 0.3
+
+
+def test_a_silent_guard_whose_run_never_reported_still_has_its_group_killed(stand_in, child):
+    # The daemon never read `started` (the guard stalled right after forking) and the guard
+    # is silent: the fallback kill must still find the run's group, leftovers included.
+    daemon = stand_in(child(leftovers=True), drop_status=["started"], stop_grace_ms=300)
+    daemon.send("renew 3 0.25 3 1")
+    (record,) = wait_records(child, "start")
+    group, guard = [record["pid"], *record["leftovers"]], record["ppid"]
+    try:
+        os.kill(guard, signal.SIGSTOP)
+        daemon.send("lose leadership_lost")
+        unresponsive = daemon.wait_for("exec.guard_unresponsive", timeout=5)[0]
+        assert [pid for pid in group if not wait_gone(pid, 1.0)] == []
+        assert wait_gone(guard, 1.0)
+        assert unresponsive["pid"] is None and unresponsive["pgid"] == record["pid"]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(record["pid"], signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(guard, signal.SIGCONT)
