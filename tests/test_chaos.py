@@ -202,6 +202,22 @@ def test_leaderless_time_counts_from_the_first_leader() -> None:
     assert total == pytest.approx(1.0, abs=0.01) and longest == pytest.approx(total)
 
 
+def test_a_leader_enabled_from_before_the_start_to_the_end_leaves_no_leaderless_time() -> None:
+    # The leader was elected before the nemesis began and never changed: no change point after
+    # `start` at all, which once counted the whole run as one leaderless stretch.
+    a = record("a#1", [(-1.0, True, 1), *((0.5 * i, True, 1) for i in range(1, 10))])
+    b = record("b#2", [(-1.0, False, None), *((0.5 * i, False, 1) for i in range(1, 10))])
+    assert chaos_check.leaderless([a, b], 0.0, 5.0) == (0.0, 0.0, 0)
+
+
+def test_leaderless_time_counts_the_first_failover_when_a_leader_held_at_the_start() -> None:
+    a = record("a#1", [(-1.0, True, 1), (1.0, True, 1), (2.0, None, None), (3.0, None, None)])
+    b = record("b#2", [(-1.0, False, None), (2.5, False, 1), (3.5, True, 2), (4.0, True, 2)])
+    total, longest, stretches = chaos_check.leaderless([a, b], 0.0, 5.0)
+    assert stretches == 1
+    assert total == pytest.approx(1.5, abs=0.01) and longest == pytest.approx(total)
+
+
 def test_the_nemesis_draw_depends_on_the_seed_alone() -> None:
     def plan(seed: int) -> list[dict[str, Any]]:
         args = chaos.parse_args(
