@@ -1,6 +1,6 @@
 """Chaos harness: a seeded nemesis against a real fleet and the real Control API (SPEC §15).
 
-Rerun (from the repository root; about 4 s per fault):
+Rerun (from the repository root; about 3 s per fault):
 
     .venv/bin/python bench/chaos.py --seed 1 --faults 20 --children none
     .venv/bin/python bench/chaos.py --seed 1 --faults 500 --store postgres      # the long run
