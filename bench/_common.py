@@ -3,7 +3,8 @@
 - `Proc`: a subprocess in its own process group whose stdout JSON log lines are collected by a
   reader thread, each stamped with the wall and monotonic time it was read. `kill_group()` in a
   `finally:` is how every benchmark guarantees that nothing outlives it. With `stdin=True` the
-  parent can send it lines (`send_line`), e.g. commands to a load-generator worker.
+  parent can send it lines (`send_line`), e.g. commands to a load-generator worker. It runs in
+  the repository root unless `cwd` says otherwise (`python -m` puts its cwd first on sys.path).
 - `start_control_api()`: the reference Control API (`python -m conductord control-api`) on
   127.0.0.1, port 0, bound port read from its `control_api.listening` line. The shared token
   goes through the environment, never argv (it would show in `ps`), and is never printed.
@@ -95,7 +96,13 @@ class Proc:
     """A child process in its own process group, with its JSON stdout collected."""
 
     def __init__(
-        self, argv: Sequence[str], *, env: dict[str, str], name: str, stdin: bool = False
+        self,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str],
+        name: str,
+        stdin: bool = False,
+        cwd: str = REPO_ROOT,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -108,7 +115,7 @@ class Proc:
         self.proc = subprocess.Popen(
             self.argv,
             env=env,
-            cwd=REPO_ROOT,
+            cwd=cwd,
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

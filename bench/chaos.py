@@ -1,6 +1,6 @@
 """Chaos harness: a seeded nemesis against a real fleet and the real Control API (SPEC §15).
 
-Rerun (from the repository root; about 4 s per fault):
+Rerun (from the repository root; about 3 s per fault):
 
     .venv/bin/python bench/chaos.py --seed 1 --faults 20 --children none
     .venv/bin/python bench/chaos.py --seed 1 --faults 500 --store postgres      # the long run
@@ -481,7 +481,9 @@ class Fleet:
         env = child_env(BAA_SHARED_TOKEN=self.token)
         if self.args.node_pythonpath:
             env["PYTHONPATH"] = os.pathsep.join([self.args.node_pythonpath, env["PYTHONPATH"]])
-        proc = Proc(self.argv(node, status_port), env=env, name=node.node_id)
+        # In its state dir, not the repository: `python -m` puts its cwd first on sys.path, and
+        # a package on --node-pythonpath must be able to stand in for conductord.
+        proc = Proc(self.argv(node, status_port), env=env, name=node.node_id, cwd=node.state_dir)
         record = PollRecord(f"{node.node_id}#{proc.pid}")
         inc = Incarnation(node, proc, status_port, record)
         node.incarnations.append(inc)
@@ -1030,7 +1032,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--node-pythonpath",
         default=None,
-        help="prepended to the nodes' PYTHONPATH only (tests plant bugs with it)",
+        help="prepended to the nodes' PYTHONPATH only, ahead of this checkout's conductord "
+        "(tests plant bugs with it)",
     )
     args = parser.parse_args(argv)
     if args.nodes < 2 or args.faults < 1 or args.poll_ms < 1 or args.ttl_sec < 1:

@@ -192,31 +192,36 @@ def episodes(proofs: Iterable[Proof]) -> list[dict[str, Any]]:
 def leaderless(records: Iterable[PollRecord], start: float, end: float) -> tuple[float, float, int]:
     """(seconds with no enabled incarnation, the longest such stretch, stretches) in [start, end].
 
-    Counting begins at the first enabled answer at or after `start` (the fleet's first election
-    is not an outage).
+    Counting begins at `start` if some incarnation is enabled then, else at the first enabled
+    answer after it (the fleet's first election is not an outage).
     """
     points = sorted((at, id(record), value) for record in records for at, value in record.changes)
-    first = next((at for at, _, value in points if value and at >= start), None)
-    if first is None:
-        return max(end - start, 0.0), max(end - start, 0.0), 1
     state: dict[int, bool] = {}
+    i = 0
+    while i < len(points) and points[i][0] < start:
+        _, owner, value = points[i]
+        state[owner] = value
+        i += 1
+    counting = any(state.values())
     total = longest = 0.0
     stretches = 0
     gap_since: float | None = None
-    for at, owner, value in points:
+    for at, owner, value in points[i:]:
         if at > end:
             break
         state[owner] = value
-        if at < first:
-            continue
         any_on = any(state.values())
-        if not any_on and gap_since is None:
+        if not counting:
+            counting = any_on
+        elif not any_on and gap_since is None:
             gap_since = at
         elif any_on and gap_since is not None:
             total += at - gap_since
             longest = max(longest, at - gap_since)
             stretches += 1
             gap_since = None
+    if not counting:
+        return max(end - start, 0.0), max(end - start, 0.0), 1
     if gap_since is not None and end > gap_since:
         total += end - gap_since
         longest = max(longest, end - gap_since)

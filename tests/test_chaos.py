@@ -5,12 +5,15 @@
 - Its fault-injecting proxy (bench/chaos_proxy.py) against a real HTTP server on loopback.
 - Its clock fault: a process started under libfaketime the way the Control API is sees its
   wall clock step and its monotonic clocks stand still.
-- The whole harness, end to end, as CI runs it: a short seed against a real fleet with every fault
-  kind but clock steps (today's Control API decides expiry on its wall clock, SPEC §15; add
-  `clock_step` to `CI_KINDS` once that is fixed) must find nothing. And a bug planted from the
-  test side only (a `sitecustomize` on the nodes' PYTHONPATH that makes a node ignore its lease
-  deadline) must be found within a short seed, exit 1, and print a schedule that `--replay`
-  turns into the same failure. A nemesis that cannot find a planted bug proves nothing.
+- The whole harness, end to end, as CI runs it: one short seed against a real fleet with
+  `--exec` children (the default) and every fault kind, clock steps included, must find nothing
+  by any of the three checks while the children demonstrably ran and wrote.
+- Planted bugs, from the test side only, must be found within a short seed and exit 1: a node
+  that ignores its lease deadline (a `sitecustomize` on the nodes' PYTHONPATH), found by the
+  status polls, whose printed schedule `--replay` turns into the same failure; and an `--exec`
+  guard that never kills (a copy of the package first on the nodes' PYTHONPATH: the guard runs
+  as `python -I -S`, out of reach of any sitecustomize), found by the children alone. A
+  nemesis that cannot find a planted bug proves nothing.
 
 Every run checks that no process of the harness outlives it (each names the run's temporary
 directory, under this test's TMPDIR, on its command line).
@@ -24,6 +27,7 @@ import http.server
 import json
 import os
 import shlex
+import shutil
 import signal
 import socketserver
 import subprocess
@@ -44,9 +48,11 @@ import chaos  # noqa: E402
 import chaos_check  # noqa: E402
 from chaos_proxy import FaultProxy  # noqa: E402
 
-CI_KINDS = ("node_kill", "node_pause", "api_kill", "net_latency", "net_drop", "net_reset")
+# Every fault kind once, with --exec children (the default): the kill, the pause, the black
+# hole, the resets and the latency aimed at the leader, and a clock step of +14.6 s.
+CI_SEED = 169
 
-PLANTED_BUG = '''\
+DEADLINE_IGNORED = '''\
 """Planted by tests/test_chaos.py: this node ignores its local lease deadline."""
 from conductord import lease
 
@@ -61,6 +67,13 @@ def tick(self, now):
 
 lease.LeaseMachine.scheduler_enabled = scheduler_enabled
 lease.LeaseMachine.tick = tick
+'''
+
+NEVER_KILL = '''
+
+def kill_group(pgid, signum):
+    """Planted by tests/test_chaos.py: the guard never signals the command's group."""
+
 '''
 
 
@@ -187,6 +200,22 @@ def test_leaderless_time_counts_from_the_first_leader() -> None:
     total, longest, stretches = chaos_check.leaderless([a, b], 0.0, 5.0)
     assert stretches == 1
     assert total == pytest.approx(1.0, abs=0.01) and longest == pytest.approx(total)
+
+
+def test_a_leader_enabled_from_before_the_start_to_the_end_leaves_no_leaderless_time() -> None:
+    # The leader was elected before the nemesis began and never changed: no change point after
+    # `start` at all, which once counted the whole run as one leaderless stretch.
+    a = record("a#1", [(-1.0, True, 1), *((0.5 * i, True, 1) for i in range(1, 10))])
+    b = record("b#2", [(-1.0, False, None), *((0.5 * i, False, 1) for i in range(1, 10))])
+    assert chaos_check.leaderless([a, b], 0.0, 5.0) == (0.0, 0.0, 0)
+
+
+def test_leaderless_time_counts_the_first_failover_when_a_leader_held_at_the_start() -> None:
+    a = record("a#1", [(-1.0, True, 1), (1.0, True, 1), (2.0, None, None), (3.0, None, None)])
+    b = record("b#2", [(-1.0, False, None), (2.5, False, 1), (3.5, True, 2), (4.0, True, 2)])
+    total, longest, stretches = chaos_check.leaderless([a, b], 0.0, 5.0)
+    assert stretches == 1
+    assert total == pytest.approx(1.5, abs=0.01) and longest == pytest.approx(total)
 
 
 def test_the_nemesis_draw_depends_on_the_seed_alone() -> None:
@@ -353,61 +382,83 @@ def run_chaos(args: list[str], tmp_path: Path, timeout: float) -> tuple[int, dic
     return done.returncode, json.loads(lines[0]), done.stderr
 
 
+
+def require_faketime() -> None:
+    if chaos.faketime_lib() is None:
+        message = "libfaketime is not installed (apt-get install faketime): no clock steps"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 @pytest.mark.e2e
-def test_a_short_seed_with_every_fault_kind_but_clock_steps_finds_nothing(tmp_path: Path) -> None:
-    args = ["--seed", "2", "--faults", "8", "--nodes", "5", "--children", "none"]
-    args += ["--kinds", ",".join(CI_KINDS), "--max-seconds", "120"]
-    code, result, stderr = run_chaos(args, tmp_path, timeout=200)
+def test_a_short_seed_with_every_fault_kind_and_exec_children_finds_nothing(
+    tmp_path: Path,
+) -> None:
+    require_faketime()
+    args = ["--seed", str(CI_SEED), "--faults", str(len(chaos.KINDS)), "--nodes", "3"]
+    code, result, stderr = run_chaos([*args, "--max-seconds", "90"], tmp_path, timeout=150)
     assert code == 0, (result.get("evidence"), stderr[-3000:])
     assert result["bench"] == "chaos"
     assert (result["seed"], result["nodes"], result["store"], result["ttl_sec"]) == (
-        2,
-        5,
+        CI_SEED,
+        3,
         "sqlite",
         2,
     )
-    assert result["faults_injected"] == 8
-    assert set(result["faults_by_kind"]) == set(CI_KINDS)
-    assert all(count >= 1 for count in result["faults_by_kind"].values()), result["faults_by_kind"]
-    assert result["two_scheduler_polls"] == 0 and result["overlap_episodes"] == 0
-    assert result["flock_overlaps"] is None and result["stale_writes"] is None  # no children
+    assert result["children"] == "exec"  # the default, as in the long runs
+    assert result["kinds"] == list(chaos.KINDS)
+    assert result["faults_by_kind"] == dict.fromkeys(chaos.KINDS, 1), result["faults_by_kind"]
+    assert result["faults_injected"] == len(chaos.KINDS)
+    assert result["two_scheduler_polls"] == result["overlap_episodes"] == 0
+    assert result["flock_overlaps"] == result["stale_writes"] == 0
     assert result["violations"] == 0 and result["pass"] is True
     assert "schedule" not in result
+    # The children were measured for real: each leader's command took the fleet's lock and
+    # wrote under it, across handovers (the kill and the pause of the leader at least).
+    assert result["child_runs"] >= 2, result["child_runs"]
+    assert result["child_log_lines"] > result["child_runs"]
     # The faults happened, and the fleet was watched throughout.
-    assert result["node_restarts"] == result["faults_by_kind"]["node_kill"]
-    assert result["api_starts"] == 1 + result["faults_by_kind"]["api_kill"]
+    assert result["node_restarts"] == 1 and result["incarnations"] == 3 + 1
+    assert result["api_starts"] == 2
+    assert result["faketime"]["ok"] is True
+    assert result["api_clock_offset_s"] > 2 * result["ttl_sec"]  # a step past any live lease
     assert result["proxy"]["resets"] >= 1 and result["proxy"]["connections"] > 5
     assert result["polls"] > 1000 and result["enabled_answers"] > 100
-    assert result["incarnations"] == 5 + result["node_restarts"]
     assert 0 <= result["longest_no_leader_s"] <= result["no_leader_s"]
+    # The seed aims its kill and its pause at the leader: both failovers are measured.
     failover = result["failover_s"]
-    assert failover["count"] == 0 or 0 < failover["median"] <= failover["max"]
-    assert result["faketime"] is None  # no clock steps drawn, no probe needed
+    assert failover["count"] == 2 and 0 < failover["median"] <= failover["max"], failover
+    assert result["leader_faults_without_failover"] == 0 and result["unsettled_faults"] == 0
     assert result["machine"]["nproc"] >= 1
 
 
 @pytest.mark.e2e
-def test_a_planted_bug_is_found_and_its_schedule_replays(tmp_path: Path) -> None:
+def test_a_node_that_ignores_its_deadline_is_found_and_its_schedule_replays(
+    tmp_path: Path,
+) -> None:
     plant = tmp_path / "plant"
     plant.mkdir()
-    (plant / "sitecustomize.py").write_text(PLANTED_BUG)
+    (plant / "sitecustomize.py").write_text(DEADLINE_IGNORED)
     common = ["--nodes", "3", "--children", "none", "--node-pythonpath", str(plant)]
-    # Seed 6 draws a black hole on the leader's path longer than the TTL (the planted node
-    # stays enabled until its renewals fail twice, ~0.25 s past the server's expiry: caught
-    # every time here) and two pauses of the leader (caught ~5 times in 6: the woken node must
-    # answer a poll before its first renewal tells it another node holds the lease).
-    args = ["--seed", "6", "--faults", "3", "--kinds", "node_pause,net_drop", *common]
+    common += ["--request-timeout-ms", "1500"]
+    # Seed 29 draws a black hole of 2.7 s on the leader's path. The server lets the lease
+    # expire 2 s after the last renewal got through and grants another node. The planted node
+    # stays enabled until its renewals fail twice (3.5 s in with 1.5 s timeouts) or the hole
+    # lifts and a late renewal meets the new holder: two schedulers for ~0.7 s, caught every
+    # time. (With 1 s timeouts the overlap is only 0.2-0.45 s: missed now and then under load.)
+    args = ["--seed", "29", "--faults", "1", "--kinds", "net_drop", *common]
     code, result, stderr = run_chaos([*args, "--max-seconds", "60"], tmp_path, timeout=120)
     assert code == 1, stderr[-3000:]
     assert result["violations"] > 0 and result["pass"] is False
     assert result["two_scheduler_polls"] > 0 and result["overlap_episodes"] > 0
     episode = result["evidence"]["overlap_episodes"][0]
     assert episode["node"] != episode["other"] and episode["term"] != episode["other_term"]
-    schedule = result["schedule"]
-    assert len(schedule) == result["faults_injected"] == 3
-    assert {entry["kind"] for entry in schedule} <= {"node_pause", "net_drop"}
-    assert "--seed 6" in result["reproduce"] and "VIOLATIONS" in stderr
-    assert json.dumps(schedule[0], separators=(",", ":")) in stderr
+    [fault] = result["schedule"]
+    assert result["faults_injected"] == 1
+    assert (fault["kind"], fault["target"], fault["hit_leader"]) == ("net_drop", "leader", True)
+    assert "--seed 29" in result["reproduce"] and "VIOLATIONS" in stderr
+    assert json.dumps(fault, separators=(",", ":")) in stderr
 
     saved = tmp_path / "failing.json"
     saved.write_text(json.dumps(result) + "\n")
@@ -415,30 +466,50 @@ def test_a_planted_bug_is_found_and_its_schedule_replays(tmp_path: Path) -> None
         ["--replay", str(saved), "--max-seconds", "60", *common], tmp_path, timeout=120
     )
     assert code == 1, stderr[-3000:]
-    assert replayed["replayed"] is True and replayed["violations"] > 0
-    assert [e["kind"] for e in replayed["schedule"]] == [e["kind"] for e in schedule]
-    assert [e["params"] for e in replayed["schedule"]] == [e["params"] for e in schedule]
+    assert replayed["replayed"] is True and replayed["two_scheduler_polls"] > 0
+    assert replayed["kinds"] == ["net_drop"] and replayed["faults_injected"] == 1
+    [again] = replayed["schedule"]
+    assert (again["params"], again["pause_s"]) == (fault["params"], fault["pause_s"])
+    assert again["hit_leader"] is True
 
 
-def conductord_has_exec() -> bool:
-    done = subprocess.run(
-        [sys.executable, "-m", "conductord", "start", "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+def plant_a_guard_that_never_kills(root: Path) -> Path:
+    """A copy of the conductord package whose --exec guard never signals the command's group.
+
+    The guard runs as `python -I -S` (no site, no PYTHONPATH): no sitecustomize reaches it,
+    but the daemon starts the guard file next to its own package, so a daemon imported from
+    this copy (first on the nodes' PYTHONPATH) runs the planted guard.
+    """
+    shutil.copytree(
+        REPO / "conductord", root / "conductord", ignore=shutil.ignore_patterns("__pycache__")
     )
-    return "--exec" in done.stdout + done.stderr
+    guard = root / "conductord" / "exec_guard.py"
+    source = guard.read_text()
+    main = '\nif __name__ == "__main__":'
+    assert source.count(main) == 1 and "\ndef kill_group(pgid, signum):" in source, (
+        "exec_guard.py changed shape: update the planted bug"
+    )
+    guard.write_text(source.replace(main, NEVER_KILL + main))
+    return root
 
 
 @pytest.mark.e2e
-def test_exec_children_never_overlap_or_write_a_stale_term(tmp_path: Path) -> None:
-    if not conductord_has_exec():
-        pytest.skip("this conductord has no --exec yet (SPEC §14); the test runs once it lands")
-    args = ["--seed", "2", "--faults", "7", "--nodes", "3", "--children", "exec"]
-    args += ["--kinds", ",".join(CI_KINDS), "--max-seconds", "120"]
-    code, result, stderr = run_chaos(args, tmp_path, timeout=200)
-    assert code == 0, (result.get("evidence"), stderr[-3000:])
-    assert result["flock_overlaps"] == result["stale_writes"] == result["two_scheduler_polls"] == 0
-    assert result["child_runs"] >= 1 and result["child_log_lines"] > result["child_runs"]
+def test_a_guard_that_never_kills_is_found_by_the_children_alone(tmp_path: Path) -> None:
+    plant = plant_a_guard_that_never_kills(tmp_path / "plant")
+    # Seed 1 pauses the leader past the TTL (the guard's deadline passes: no kill; the woken
+    # daemon's own fallback kills the group a second later), then kills the new leader with
+    # kill -9 (the guard reads EOF: no kill; the command outlives its daemon). Each time the
+    # next leader's command finds the lock held: one flock overlap per fault, every time.
+    args = ["--seed", "1", "--faults", "2", "--nodes", "3", "--kinds", "node_kill,node_pause"]
+    args += ["--node-pythonpath", str(plant), "--max-seconds", "60"]
+    code, result, stderr = run_chaos(args, tmp_path, timeout=120)
+    assert code == 1, stderr[-3000:]
+    assert result["children"] == "exec" and result["pass"] is False
+    assert result["flock_overlaps"] == 2, (result["flock_overlaps"], result["evidence"])
+    assert result["stale_writes"] > 0  # the orphans write on under a lower term
+    # The daemons are correct: the status polls see nothing; only the children do.
+    assert result["two_scheduler_polls"] == 0
+    findings = {entry["finding"] for entry in result["evidence"]["children"]}
+    assert findings == {"flock_overlap", "stale_write"}
+    assert [entry["kind"] for entry in result["schedule"]] == ["node_pause", "node_kill"]
+    assert all(entry["hit_leader"] for entry in result["schedule"])
