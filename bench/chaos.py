@@ -937,7 +937,9 @@ def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
         "flock_overlaps": flock_overlaps,
         "stale_writes": stale_writes,
         "violations": violations,
-        "pass": violations == 0,
+        # With exec children, a run in which none ever ran has checked no overlap at all.
+        "checked_children": found.runs > 0 if exec_mode else None,
+        "pass": violations == 0 and (not exec_mode or found.runs > 0),
         "no_leader_s": round(no_leader_s, 3),
         "longest_no_leader_s": round(longest_s, 3),
         "no_leader_stretches": stretches,
@@ -1062,7 +1064,12 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"chaos: error: {exc}\n")
         return EXIT_USAGE
     emit(result)
-    return EXIT_VIOLATION if result["violations"] else 0
+    if result["violations"]:
+        return EXIT_VIOLATION
+    if result["checked_children"] is False:
+        sys.stderr.write("chaos: error: no --exec child ever ran: the run checked nothing\n")
+        return EXIT_VIOLATION
+    return 0
 
 
 if __name__ == "__main__":

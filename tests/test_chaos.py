@@ -417,6 +417,7 @@ def test_a_short_seed_with_every_fault_kind_and_exec_children_finds_nothing(
     # The children were measured for real: each leader's command took the fleet's lock and
     # wrote under it, across handovers (the kill and the pause of the leader at least).
     assert result["child_runs"] >= 2, result["child_runs"]
+    assert result["checked_children"] is True
     assert result["child_log_lines"] > result["child_runs"]
     # The faults happened, and the fleet was watched throughout.
     assert result["node_restarts"] == 1 and result["incarnations"] == 3 + 1
