@@ -125,6 +125,10 @@ class _Conn:
             if proxy.resetting and self.variant is None:
                 self.resetting = True  # an old connection caught by a reset window
                 break
+            if not to_upstream and self.variant == "after_request":
+                # The answer never comes, even one that beat the other pump's reset here.
+                self.resetting = True
+                break
             latency = proxy.latency_s
             if latency > 0:
                 self._wait(latency)
