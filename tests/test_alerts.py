@@ -22,7 +22,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -415,7 +414,17 @@ def test_a_healthy_fleet_raises_nothing_and_a_stopped_leader_starts_no_leader(fl
         return bool(scraped) and all(r["health"] == "ok" for r in rules)
 
     wait_until(evaluated_with_data, 30, lambda: str(fleet.rules()))
-    time.sleep(3)  # a few more evaluations with the leader's series in place
+
+    def evaluations() -> dict[str, str]:
+        return {g["name"]: g["lastEvaluation"] for g in fleet.api("rules")["groups"]}
+
+    for _ in range(2):  # two more evaluations of every group with the leader's series in place
+        seen = evaluations()
+        wait_until(
+            lambda seen=seen: all(now != seen[name] for name, now in evaluations().items()),
+            10,
+            lambda: str(evaluations()),
+        )
     assert fleet.api("alerts")["alerts"] == []
     for rule in fleet.rules():
         assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))

@@ -125,8 +125,14 @@ def test_failover_reports_polling_and_long_poll_side_by_side(tmp_path: Path) -> 
     assert side["overlap_ms"] == {"polling": 0, "longpoll": 0}
 
 
+@pytest.mark.slow
 def test_failover_against_two_control_apis_over_postgres(tmp_path: Path) -> None:
-    """SPEC §17: nodes list both URLs; killing the leader's process is a trial of its own."""
+    """SPEC §17: nodes list both URLs; killing the leader's process is a trial of its own.
+
+    Slow (10 s): the default run keeps the same fault, end to end, in
+    tests/test_postgres_ha.py (the leader's process killed: no transition, same term, then
+    the survivor fails over), and the side-by-side failover run above.
+    """
     from tests.support.postgres import require_dsn
 
     require_dsn()  # fails in CI without a server, skips elsewhere

@@ -233,7 +233,7 @@ class ScriptedServer:
         self._server = _HTTPServer(self, self._host)
         self._thread = threading.Thread(
             target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
+            kwargs={"poll_interval": 0.01},
             name="scripted-server",
             daemon=True,
         )
