@@ -73,7 +73,7 @@ from conductord.control_api.rules import (
     decide_release,
 )
 from conductord.control_api.store_base import (
-    HISTORY_COLUMNS,
+    CONTROLLER_COLUMNS,
     HISTORY_KEEP,
     INSTANCE_RETENTION_SEC,
     POSTGRES_SCHEMES,
@@ -86,9 +86,10 @@ from conductord.control_api.store_base import (
     StoreError,
     describe_db,
     dsn_secrets,
+    read_controllers,
+    read_history,
     record_history,
     unrecorded_conflict,
-    with_instances,
 )
 from conductord.wire import Heartbeat
 
@@ -204,12 +205,8 @@ _LEASE_COLUMNS = (
     "lease_name, holder_id, holder_host, term, lease_expires_at, renewed_at, "
     "preferred_holder_id, metadata_json, released, holder_instance_id, deadline"
 )
-_CONTROLLER_COLUMNS = (
-    "controller_id, host, role, priority, status, version, heartbeat_at, started_at, "
-    "first_seen_at, last_seen_at, instance_id"
-)
 _UPSERT_CONTROLLER = f"""
-    INSERT INTO controllers ({_CONTROLLER_COLUMNS})
+    INSERT INTO controllers ({CONTROLLER_COLUMNS})
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (controller_id) DO UPDATE SET
         host = excluded.host, role = excluded.role, priority = excluded.priority,
@@ -462,7 +459,7 @@ class SqliteStore:
             with self._autocommit() as conn:
                 now = self._clock()
                 rows = conn.execute(
-                    f"{_UPSERT_CONTROLLER} RETURNING {_CONTROLLER_COLUMNS}",
+                    f"{_UPSERT_CONTROLLER} RETURNING {CONTROLLER_COLUMNS}",
                     (*reported, now, now, None),
                 ).fetchall()  # drains the statement, so its transaction commits here
             return ControllerRow(*rows[0])
@@ -478,7 +475,7 @@ class SqliteStore:
                         (now - INSTANCE_RETENTION_SEC,),
                     )
             values = conn.execute(
-                f"SELECT {_CONTROLLER_COLUMNS} FROM controllers WHERE controller_id = ?",
+                f"SELECT {CONTROLLER_COLUMNS} FROM controllers WHERE controller_id = ?",
                 (controller_id,),
             ).fetchone()
             return ControllerRow(*values)
@@ -489,23 +486,11 @@ class SqliteStore:
 
     def controllers(self) -> list[ControllerRow]:
         with self._autocommit() as conn:
-            rows = conn.execute(
-                f"SELECT {_CONTROLLER_COLUMNS} FROM controllers ORDER BY controller_id"
-            ).fetchall()
-            instances = conn.execute(
-                "SELECT controller_id, instance_id, host, last_seen_at FROM controller_instances"
-                " ORDER BY last_seen_at DESC"
-            ).fetchall()
-        return with_instances([ControllerRow(*values) for values in rows], instances)
+            return read_controllers(conn)
 
     def history(self, limit: int, lease_name: str = LEASE_NAME) -> list[HistoryEntry]:
         with self._autocommit() as conn:
-            rows = conn.execute(
-                f"SELECT {HISTORY_COLUMNS} FROM lease_history WHERE lease_name = ?"
-                " ORDER BY id DESC LIMIT ?",
-                (lease_name, limit),
-            ).fetchall()
-        return [HistoryEntry(*values) for values in rows]
+            return read_history(conn, _HISTORY_SQL, lease_name, limit)
 
     def close(self) -> None:
         with self._lock:

@@ -264,7 +264,32 @@ def with_instances(
     ]
 
 
-# -- recording the history (the same for both stores; only the placeholder style differs) -------
+# -- the readers and the history (the same for both stores; only the placeholder style differs) --
+
+# The `controllers` columns, in `ControllerRow`'s order but for `instances`.
+CONTROLLER_COLUMNS = (
+    "controller_id, host, role, priority, status, version, heartbeat_at, started_at, "
+    "first_seen_at, last_seen_at, instance_id"
+)
+
+
+def read_controllers(conn: Any) -> list[ControllerRow]:
+    """Every controller with its instances, newest sighting first (`conn`: DB-API)."""
+    rows = conn.execute(
+        f"SELECT {CONTROLLER_COLUMNS} FROM controllers ORDER BY controller_id"
+    ).fetchall()
+    instances = conn.execute(
+        "SELECT controller_id, instance_id, host, last_seen_at FROM controller_instances"
+        " ORDER BY last_seen_at DESC"
+    ).fetchall()
+    return with_instances([ControllerRow(*values) for values in rows], instances)
+
+
+def read_history(conn: Any, sql: HistorySql, lease_name: str, limit: int) -> list[HistoryEntry]:
+    """The newest `limit` history entries of `lease_name`, newest first."""
+    rows = conn.execute(sql.recent, (lease_name, limit)).fetchall()
+    return [HistoryEntry(*values) for values in rows]
+
 
 _HISTORY_FIELDS = (
     "at",
@@ -285,6 +310,7 @@ class HistorySql:
     insert: str
     previous_holder: str
     trim: str
+    recent: str
 
     @classmethod
     def styled(cls, positional: str, named: Callable[[str], str]) -> HistorySql:
@@ -301,6 +327,8 @@ class HistorySql:
             # Everything older than the newest `keep` entries (NULL while there are fewer).
             trim="DELETE FROM lease_history WHERE id <= (SELECT id FROM lease_history"
             f" ORDER BY id DESC LIMIT 1 OFFSET {positional})",
+            recent=f"SELECT {HISTORY_COLUMNS} FROM lease_history"
+            f" WHERE lease_name = {positional} ORDER BY id DESC LIMIT {positional}",
         )
 
 

@@ -90,7 +90,7 @@ from conductord.control_api.rules import (
     decide_release,
 )
 from conductord.control_api.store_base import (
-    HISTORY_COLUMNS,
+    CONTROLLER_COLUMNS,
     HISTORY_KEEP,
     INSTANCE_RETENTION_SEC,
     ControllerRow,
@@ -100,9 +100,10 @@ from conductord.control_api.store_base import (
     StoreError,
     describe_db,
     dsn_secrets,
+    read_controllers,
+    read_history,
     record_history,
     unrecorded_conflict,
-    with_instances,
 )
 from conductord.logs import get_logger
 from conductord.wire import Heartbeat
@@ -205,10 +206,6 @@ _LEASE_COLUMNS = (
     "lease_name, holder_id, holder_host, term, lease_expires_at, renewed_at, "
     "preferred_holder_id, metadata_json, released, holder_instance_id, revision, write_id"
 )
-_CONTROLLER_COLUMNS = (
-    "controller_id, host, role, priority, status, version, heartbeat_at, started_at, "
-    "first_seen_at, last_seen_at, instance_id"
-)
 _READ_LEASE = f"SELECT {_LEASE_COLUMNS} FROM leases WHERE lease_name = %s"
 # The `leases` table this connection's search_path finds, as text: what a notification is about.
 _TABLE_OID = "'leases'::regclass::oid::text"
@@ -236,7 +233,7 @@ _HISTORY_SQL = HistorySql.styled("%s", lambda name: f"%({name})s")
 # round trip.
 _HEARTBEAT = f"""
     WITH beat AS (
-        INSERT INTO controllers ({_CONTROLLER_COLUMNS})
+        INSERT INTO controllers ({CONTROLLER_COLUMNS})
         VALUES (%(controller_id)s, %(host)s, %(role)s, %(priority)s, %(status)s, %(version)s,
                 %(heartbeat_at)s, %(started_at)s, {_CLOCK}, {_CLOCK}, %(instance_id)s)
         ON CONFLICT (controller_id) DO UPDATE SET
@@ -245,7 +242,7 @@ _HEARTBEAT = f"""
             heartbeat_at = excluded.heartbeat_at, started_at = excluded.started_at,
             last_seen_at = excluded.last_seen_at,
             instance_id = coalesce(excluded.instance_id, controllers.instance_id)
-        RETURNING {_CONTROLLER_COLUMNS}
+        RETURNING {CONTROLLER_COLUMNS}
     ), seen AS (
         INSERT INTO controller_instances (controller_id, instance_id, host, last_seen_at)
         SELECT %(controller_id)s, %(instance_id)s, %(host)s, {_CLOCK}
@@ -253,7 +250,7 @@ _HEARTBEAT = f"""
         ON CONFLICT (controller_id, instance_id) DO UPDATE SET
             host = excluded.host, last_seen_at = excluded.last_seen_at
     )
-    SELECT {_CONTROLLER_COLUMNS} FROM beat
+    SELECT {CONTROLLER_COLUMNS} FROM beat
 """
 
 Callback = Callable[[], None]
@@ -536,23 +533,11 @@ class PostgresStore:
 
     def controllers(self) -> list[ControllerRow]:
         with self._connection() as conn:
-            rows = conn.execute(
-                f"SELECT {_CONTROLLER_COLUMNS} FROM controllers ORDER BY controller_id"
-            ).fetchall()
-            instances = conn.execute(
-                "SELECT controller_id, instance_id, host, last_seen_at FROM controller_instances"
-                " ORDER BY last_seen_at DESC"
-            ).fetchall()
-        return with_instances([ControllerRow(*values) for values in rows], instances)
+            return read_controllers(conn)
 
     def history(self, limit: int, lease_name: str = LEASE_NAME) -> list[HistoryEntry]:
         with self._connection() as conn:
-            rows = conn.execute(
-                f"SELECT {HISTORY_COLUMNS} FROM lease_history WHERE lease_name = %s"
-                " ORDER BY id DESC LIMIT %s",
-                (lease_name, limit),
-            ).fetchall()
-        return [HistoryEntry(*values) for values in rows]
+            return read_history(conn, _HISTORY_SQL, lease_name, limit)
 
     def watch(self, callback: Callback) -> None:
         """Call `callback()` whenever any server changes the lease holder (see module doc)."""
