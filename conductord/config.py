@@ -493,6 +493,16 @@ class SettingsTable:
         """The raw flag values of a parsed namespace, keyed by setting name."""
         return {row.name: getattr(namespace, row.name, None) for row in self.rows}
 
+    def usage_lines(self, command: str, *extra: str, width: int = 98) -> list[str]:
+        """`usage: conductord COMMAND [--flag METAVAR] ...`, wrapped under the first option."""
+        options = " ".join([*(f"[{row.usage()}]" for row in self.rows), *extra])
+        return textwrap.wrap(
+            f"usage: conductord {command} {options}",
+            width=width,
+            subsequent_indent=" " * len(f"usage: conductord {command} "),
+            break_on_hyphens=False,
+        )
+
     def help_lines(self, *, width: int = 98) -> list[str]:
         """Two-column help: `--flag METAVAR   VARIABLE`, then the text, rule and default."""
         lines: list[str] = []

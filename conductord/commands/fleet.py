@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -287,13 +286,7 @@ def render(view: FleetView) -> str:
 
 
 def usage_text() -> str:
-    options = " ".join(f"[{row.usage()}]" for row in FLEET_SETTINGS)
-    usage = textwrap.wrap(
-        f"usage: conductord fleet {options} [--json]",
-        width=98,
-        subsequent_indent=" " * 24,
-        break_on_hyphens=False,
-    )
+    usage = FLEET_SETTINGS.usage_lines("fleet", "[--json]")
     return "\n".join(
         [
             *usage,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -203,13 +202,7 @@ def settings_warnings(settings: ServerSettings) -> list[str]:
 
 def usage_text() -> str:
     """`conductord control-api --help`."""
-    options = " ".join(f"[{row.usage()}]" for row in SERVER_SETTINGS)
-    usage = textwrap.wrap(
-        f"usage: conductord control-api {options}",
-        width=98,
-        subsequent_indent=" " * 30,
-        break_on_hyphens=False,
-    )
+    usage = SERVER_SETTINGS.usage_lines("control-api")
     return "\n".join(
         [
             *usage,
