@@ -99,6 +99,13 @@ CONFLICT_LOG_INTERVAL_S = 60.0
 # Without a lease to take the TTL from, two instances heartbeating within this window are
 # reported as a duplicate id.
 DUPLICATE_WINDOW_S = 30.0
+# Which store answers `GET /healthz` (SPEC §17): a node given several URLs warns when one is
+# SQLite, which no second process can share. Told by the store's module, so psycopg is never
+# imported for it; any other store (a test double) is null, "unknown".
+_STORE_KINDS = {
+    "conductord.control_api.store": "sqlite",
+    "conductord.control_api.store_postgres": "postgresql",
+}
 # `GET /v1/leader/history?limit=N` (SPEC §16).
 HISTORY_PATH = "/v1/leader/history"
 HISTORY_DEFAULT_LIMIT = 100
@@ -388,13 +395,7 @@ class ControlApiApp:
             self._authenticate(request)
         handler = methods.get(request.method)
         if handler is None:
-            allow = ", ".join(sorted(methods))
-            raise HttpError(
-                405,
-                "method_not_allowed",
-                f"{request.method} is not allowed on {request.path}; use {allow}",
-                headers=[("Allow", allow)],
-            )
+            raise _method_not_allowed(request, methods)
         try:
             return handler(request)
         except StoreError as exc:
@@ -453,14 +454,7 @@ class ControlApiApp:
 
     def _healthz(self, request: Request) -> dict[str, Any]:
         self._store.leader()  # a cheap read: healthy means the store answers too
-        # Which store answers (SPEC §17): a node given several URLs warns when one is SQLite,
-        # which no second process can share. Told by the store's module, so psycopg is never
-        # imported for it; any other store (a test double) is null, "unknown".
-        kinds = {
-            "conductord.control_api.store": "sqlite",
-            "conductord.control_api.store_postgres": "postgresql",
-        }
-        return {"status": "ok", "store": kinds.get(type(self._store).__module__)}
+        return {"status": "ok", "store": _STORE_KINDS.get(type(self._store).__module__)}
 
     def _heartbeat(self, request: Request) -> dict[str, Any]:
         heartbeat: wire.Heartbeat = self._load(request, self._heartbeat_schema)
@@ -619,12 +613,7 @@ class ControlApiApp:
     ) -> list[bytes]:
         """`GET /metrics` in Prometheus' text format (or OpenMetrics, when asked for)."""
         if request.method != "GET":
-            error = HttpError(
-                405,
-                "method_not_allowed",
-                f"{request.method} is not allowed on {request.path}; use GET",
-                headers=[("Allow", "GET")],
-            )
+            error = _method_not_allowed(request, ("GET",))
             status, headers, body = self._refusal(request, error)
             return self._respond(request, start_response, status, headers, body, started)
         content_type, payload = self.metrics.exposition(request.environ.get("HTTP_ACCEPT", ""))
@@ -779,6 +768,16 @@ def _client_connected(environ: Mapping[str, Any]) -> bool:
     except (OSError, ValueError):  # closed under us
         return False
     return not readable
+
+
+def _method_not_allowed(request: Request, methods: Iterable[str]) -> HttpError:
+    allow = ", ".join(sorted(methods))
+    return HttpError(
+        405,
+        "method_not_allowed",
+        f"{request.method} is not allowed on {request.path}; use {allow}",
+        headers=[("Allow", allow)],
+    )
 
 
 def _read_json(environ: Mapping[str, Any]) -> Any:
