@@ -41,6 +41,45 @@ CONDUCTORD = (sys.executable, "-m", "conductord")
 Event = dict[str, Any]
 
 
+def fleet_node_argv(
+    *,
+    node_id: str,
+    index: int,
+    control_api_base: str,
+    local_api: str,
+    ttl_sec: int,
+    renew_ms: int,
+    request_timeout_ms: int,
+    runs_dir: str,
+    heartbeat_ms: int = 1000,
+) -> list[str]:
+    """`conductord start` for member `index` of a benchmark fleet (0 is the primary)."""
+    return [
+        *CONDUCTORD,
+        "start",
+        "--node-id",
+        node_id,
+        "--host",
+        "127.0.0.1",
+        "--role",
+        "primary" if index == 0 else "standby",
+        "--control-api-base",
+        control_api_base,
+        "--local-api",
+        local_api,
+        "--lease-ttl-sec",
+        str(ttl_sec),
+        "--lease-renew-interval-ms",
+        str(renew_ms),
+        "--heartbeat-interval-ms",
+        str(heartbeat_ms),
+        "--request-timeout-ms",
+        str(request_timeout_ms),
+        "--runs-dir",
+        runs_dir,
+    ]
+
+
 def progress(message: str) -> None:
     sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {message}\n")
     sys.stderr.flush()

@@ -76,6 +76,7 @@ from _common import (
     Proc,
     child_env,
     emit,
+    fleet_node_argv,
     free_port,
     is_event,
     machine_info,
@@ -445,32 +446,18 @@ class Fleet:
 
     def argv(self, node: Node, status_port: int) -> list[str]:
         a = self.args
-        argv = [
-            *CONDUCTORD,
-            "start",
-            "--node-id",
-            node.node_id,
-            "--host",
-            "127.0.0.1",
-            "--role",
-            "primary" if node.index == 0 else "standby",
-            "--control-api-base",
-            node.proxy.url,
-            "--local-api",
-            f"http://127.0.0.1:{status_port}",
-            "--lease-ttl-sec",
-            str(a.ttl_sec),
-            "--lease-renew-interval-ms",
-            str(a.renew_ms),
-            "--heartbeat-interval-ms",
-            str(HEARTBEAT_MS),
-            "--request-timeout-ms",
-            str(a.request_timeout_ms),
-            "--state-dir",
-            node.state_dir,
-            "--runs-dir",
-            self.workdir,  # also puts the run's directory on every node's command line
-        ]
+        argv = fleet_node_argv(
+            node_id=node.node_id,
+            index=node.index,
+            control_api_base=node.proxy.url,
+            local_api=f"http://127.0.0.1:{status_port}",
+            ttl_sec=a.ttl_sec,
+            renew_ms=a.renew_ms,
+            request_timeout_ms=a.request_timeout_ms,
+            runs_dir=self.workdir,  # also puts the run's directory on every node's command line
+            heartbeat_ms=HEARTBEAT_MS,
+        )
+        argv += ["--state-dir", node.state_dir]
         if a.children == "exec":
             argv += ["--exec", exec_command(self.child_lock, self.child_log)]
             argv += ["--exec-stop-grace-ms", str(exec_grace_ms(a))]

@@ -82,12 +82,12 @@ from typing import Any
 
 import requests
 from _common import (
-    CONDUCTORD,
     ControlApi,
     Event,
     Proc,
     child_env,
     emit,
+    fleet_node_argv,
     free_port,
     is_event,
     kill_all,
@@ -191,30 +191,17 @@ class Fleet:
         # Every node lists every Control API, each starting at another (SPEC §17).
         turn = index % len(self.apis)
         urls = [slot.url for slot in self.apis[turn:] + self.apis[:turn]]
-        argv = [
-            *CONDUCTORD,
-            "start",
-            "--node-id",
-            node_id,
-            "--host",
-            "127.0.0.1",
-            "--role",
-            "primary" if index == 0 else "standby",
-            "--control-api-base",
-            ",".join(urls),
-            "--local-api",
-            status_url,
-            "--lease-ttl-sec",
-            str(a.ttl_sec),
-            "--lease-renew-interval-ms",
-            str(a.renew_ms),
-            "--heartbeat-interval-ms",
-            str(HEARTBEAT_MS),
-            "--request-timeout-ms",
-            str(a.request_timeout_ms),
-            "--runs-dir",
-            self.runs_dir,
-        ]
+        argv = fleet_node_argv(
+            node_id=node_id,
+            index=index,
+            control_api_base=",".join(urls),
+            local_api=status_url,
+            ttl_sec=a.ttl_sec,
+            renew_ms=a.renew_ms,
+            request_timeout_ms=a.request_timeout_ms,
+            runs_dir=self.runs_dir,
+            heartbeat_ms=HEARTBEAT_MS,
+        )
         proc = Proc(argv, env=child_env(BAA_SHARED_TOKEN=self.token), name=node_id)
         inc = Incarnation(node_id, proc, status_url)
         with self.lock:
