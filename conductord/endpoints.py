@@ -87,19 +87,23 @@ def _store_of(data: Any) -> str | None:
     return server_text(store, (), 40) if isinstance(store, str) and store else None
 
 
-def _healthz(client: ControlApiClient, base_url: str) -> Any:
-    """`GET /healthz` of one URL, without the token (it needs none)."""
-    return client.get(HEALTHZ_PATH, base_url=base_url, authorized=False)
+def _check_health(client: ControlApiClient, base_url: str) -> EndpointCheck:
+    """`GET /healthz` of one URL, without the token (it needs none): up, and which store."""
+    try:
+        health = client.get(HEALTHZ_PATH, base_url=base_url, authorized=False)
+    except ControlApiError as err:
+        return EndpointCheck(base_url, error=str(err))
+    return EndpointCheck(base_url, reachable=True, store=_store_of(health))
 
 
 def _check_one(client: ControlApiClient, base_url: str, token: str | None) -> EndpointCheck:
     began = time.monotonic()
-    check = EndpointCheck(base_url)
-    try:
-        check = replace(check, reachable=True, store=_store_of(_healthz(client, base_url)))
-        check = _read_lease(client, check, token)
-    except ControlApiError as err:
-        check = replace(check, error=str(err))
+    check = _check_health(client, base_url)
+    if check.reachable:
+        try:
+            check = _read_lease(client, check, token)
+        except ControlApiError as err:
+            check = replace(check, error=str(err))
     return replace(check, duration_ms=round((time.monotonic() - began) * 1000, 1))
 
 
@@ -220,15 +224,7 @@ def store_kinds(urls: Sequence[str], *, timeout_ms: int) -> list[EndpointCheck]:
     """`GET /healthz` of every URL at once: reachable and store kind only."""
 
     with ControlApiClient(urls, timeout_ms=timeout_ms) as client:
-
-        def one(url: str) -> EndpointCheck:
-            try:
-                health = _healthz(client, url)
-            except ControlApiError as err:
-                return EndpointCheck(url, error=str(err))
-            return EndpointCheck(url, reachable=True, store=_store_of(health))
-
-        return _all_at_once(one, client.base_urls)
+        return _all_at_once(lambda url: _check_health(client, url), client.base_urls)
 
 
 def warn_about_stores(runtime: Any) -> gevent.Greenlet | None:
