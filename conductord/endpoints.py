@@ -40,7 +40,7 @@ import gevent
 
 from conductord.client import ControlApiClient
 from conductord.redact import server_text
-from conductord.wire import ControlApiError
+from conductord.wire import HEALTHZ_PATH, LEADER_PATH, ControlApiError
 
 __all__ = [
     "HEALTHZ_PATH",
@@ -54,8 +54,6 @@ __all__ = [
     "warn_about_stores",
 ]
 
-HEALTHZ_PATH: Final = "/healthz"
-LEADER_PATH: Final = "/v1/leader"
 _TEXT_CHARS: Final = 1000
 _SETTING: Final = "--control-api-base / BAA_CONTROL_API_BASE"
 

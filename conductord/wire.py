@@ -55,6 +55,10 @@ from marshmallow import (
 ACQUIRE_PATH: Final = "/v1/leader/acquire"
 RELEASE_PATH: Final = "/v1/leader/release"
 HEARTBEAT_PATH: Final = "/v1/controllers/heartbeat"
+LEADER_PATH: Final = "/v1/leader"
+CONTROLLERS_PATH: Final = "/v1/controllers"
+HISTORY_PATH: Final = "/v1/leader/history"
+HEALTHZ_PATH: Final = "/healthz"
 DEFAULT_LEASE_NAME: Final = "global"
 
 # Bounds (module docstring).

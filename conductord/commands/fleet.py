@@ -38,15 +38,12 @@ from conductord.argparsing import ArgumentParser, UsageError, fail
 from conductord.client import ControlApiClient
 from conductord.config import SETTINGS_BY_NAME, ConfigError, Setting, SettingsTable
 from conductord.redact import clean, redact
-from conductord.wire import ControlApiError
+from conductord.wire import CONTROLLERS_PATH, HISTORY_PATH, LEADER_PATH, ControlApiError
 
 __all__ = ["EXIT_NO_LEADER", "HISTORY_SHOWN", "FleetError", "FleetView", "fetch_fleet", "main"]
 
 EXIT_NO_LEADER = 3
 HISTORY_SHOWN = 10
-CONTROLLERS_PATH: Final = "/v1/controllers"
-LEADER_PATH: Final = "/v1/leader"
-HISTORY_PATH: Final = "/v1/leader/history"
 
 _ROWS: Final[tuple[Setting, ...]] = (
     SETTINGS_BY_NAME["control_api_base"],

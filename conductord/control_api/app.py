@@ -107,7 +107,6 @@ _STORE_KINDS = {
     "conductord.control_api.store_postgres": "postgresql",
 }
 # `GET /v1/leader/history?limit=N` (SPEC §16).
-HISTORY_PATH = "/v1/leader/history"
 HISTORY_DEFAULT_LIMIT = 100
 HISTORY_MAX_LIMIT = 1000
 
@@ -280,15 +279,15 @@ class ControlApiApp:
         if watch is not None:
             watch(self.waiters.wake_all)
         self._routes: dict[str, dict[str, Handler]] = {
-            "/healthz": {"GET": self._healthz},
-            "/v1/controllers/heartbeat": {"POST": self._heartbeat},
-            "/v1/leader/acquire": {"POST": self._acquire},
-            "/v1/leader/release": {"POST": self._release},
-            "/v1/leader": {"GET": self._leader},
-            "/v1/controllers": {"GET": self._controllers},
-            HISTORY_PATH: {"GET": self._history},
+            wire.HEALTHZ_PATH: {"GET": self._healthz},
+            wire.HEARTBEAT_PATH: {"POST": self._heartbeat},
+            wire.ACQUIRE_PATH: {"POST": self._acquire},
+            wire.RELEASE_PATH: {"POST": self._release},
+            wire.LEADER_PATH: {"GET": self._leader},
+            wire.CONTROLLERS_PATH: {"GET": self._controllers},
+            wire.HISTORY_PATH: {"GET": self._history},
         }
-        self._public = frozenset({"/healthz"})
+        self._public = frozenset({wire.HEALTHZ_PATH})
         self.metrics = metrics.ControlApiMetrics(store, self._routes, lambda: self.waiters.parked)
         # Schemas are stateless once built; building one per request would cost more than SQLite.
         self._heartbeat_schema = wire.HeartbeatRequestSchema()
