@@ -86,6 +86,7 @@ __all__ = [
     "connection_cap",
     "descriptor_limit",
     "raise_descriptor_limit",
+    "read_capped",
 ]
 
 REQUEST_DEADLINE_S = 10.0
@@ -636,16 +637,8 @@ class RequestGuard:
             return too_large
         data = b""
         try:
-            if stream is not None and (chunked or length_text is not None):
-                parts: list[bytes] = []
-                got = 0
-                while got < want:
-                    part = stream.read(min(want - got, 65536))
-                    if not part:
-                        break
-                    parts.append(part)
-                    got += len(part)
-                data = b"".join(parts)
+            if chunked or length_text is not None:
+                data = read_capped(stream, want)
         except RequestTimeout as exc:
             return RequestProblem(408, "request_timeout", str(exc))
         except (OSError, ValueError) as exc:
@@ -660,6 +653,21 @@ class RequestGuard:
         if length_text is not None or chunked:
             environ["CONTENT_LENGTH"] = str(len(data))
         return None
+
+
+def read_capped(stream: Any, limit: int) -> bytes:
+    """Up to `limit` bytes of a WSGI input stream, in reads of at most 64 KiB (b"" for None)."""
+    if stream is None:
+        return b""
+    parts: list[bytes] = []
+    got = 0
+    while got < limit:
+        part = stream.read(min(limit - got, 65536))
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
 
 
 # -- the server -------------------------------------------------------------------------------

@@ -789,9 +789,9 @@ def _read_json(environ: Mapping[str, Any]) -> Any:
             length = int(raw_length)
             if length > MAX_BODY_BYTES:
                 raise _too_large()
-            data = _read_capped(stream, length) if length else b""
+            data = httpserver.read_capped(stream, length) if length else b""
         elif "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-            data = _read_capped(stream, MAX_BODY_BYTES + 1)
+            data = httpserver.read_capped(stream, MAX_BODY_BYTES + 1)
             if len(data) > MAX_BODY_BYTES:
                 raise _too_large()
         else:
@@ -862,20 +862,6 @@ def _json_problem(exc: BaseException) -> str:
     if isinstance(exc, UnicodeEncodeError):
         return "a string holds a lone surrogate (not Unicode)"
     return str(exc)[:200]
-
-
-def _read_capped(stream: Any, limit: int) -> bytes:
-    if stream is None:
-        return b""
-    chunks: list[bytes] = []
-    remaining = limit
-    while remaining > 0:
-        chunk = stream.read(min(remaining, 16384))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
 
 
 def _too_large() -> HttpError:
