@@ -32,7 +32,7 @@ def run_diagnostics(config: Config, *, as_json: bool) -> int:
     log = logs.configure(
         level="debug" if config.log_level == "debug" else "error",
         stream=sys.stderr,
-        secrets=[config.shared_token] if config.shared_token else [],
+        secrets=[config.shared_token],
         node_id=config.node_id,
         host=config.host,
         role=config.role,
@@ -51,7 +51,7 @@ def run_diagnostics(config: Config, *, as_json: bool) -> int:
     report["notes"] += work_notes(report["work"])
     add_endpoint_checks(report, config)
     # Redacted like a log line: a server could name the token as the lease holder.
-    report = clean(report, [config.shared_token] if config.shared_token else [])
+    report = clean(report, [config.shared_token])
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:

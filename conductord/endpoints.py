@@ -113,13 +113,12 @@ def _read_lease(client: ControlApiClient, check: EndpointCheck, token: str | Non
     term = lease.get("term")
     holder = lease.get("holder_id")
     live = data.get("is_live")
-    secrets = (token,) if token else ()
     return replace(
         check,
         lease_read=True,
         term=term if isinstance(term, int) and not isinstance(term, bool) else None,
         # A server's text: a holder id could even be the token (redacted like a log line).
-        holder_id=server_text(holder, secrets, _TEXT_CHARS) if isinstance(holder, str) else None,
+        holder_id=server_text(holder, (token,), _TEXT_CHARS) if isinstance(holder, str) else None,
         lease_live=live if isinstance(live, bool) else None,
     )
 

@@ -41,7 +41,7 @@ def _leading_keys_first(_logger: Any, _name: str, event_dict: dict[str, Any]) ->
 class _Sanitizer:
     """Make every value JSON-safe and remove the configured secrets from every string."""
 
-    def __init__(self, secrets: Iterable[str]) -> None:
+    def __init__(self, secrets: Iterable[str | None]) -> None:
         self._secrets = tuple(s for s in secrets if s)
 
     def __call__(self, _logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
@@ -61,7 +61,7 @@ def configure(
     *,
     level: str = "info",
     stream: IO[str] | None = None,
-    secrets: Iterable[str] = (),
+    secrets: Iterable[str | None] = (),
     **bound: Any,
 ) -> structlog.typing.FilteringBoundLogger:
     """Configure structlog for this process and return a logger with `bound` fields."""

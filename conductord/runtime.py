@@ -854,7 +854,7 @@ def run_start(config: Config, *, run_once: bool) -> int:
     log = logs.configure(
         level=config.log_level,
         stream=sys.stderr if run_once else sys.stdout,
-        secrets=[config.shared_token] if config.shared_token else [],
+        secrets=[config.shared_token],
         node_id=config.node_id,
         host=config.host,
         role=config.role,
@@ -924,8 +924,8 @@ def _serve(runtime: Runtime, *, run_once: bool) -> int:
     if runtime.crashed is not None:
         return EXIT_FAILURE
     if document is not None:
-        secrets = [runtime.config.shared_token] if runtime.config.shared_token else []
-        sys.stdout.write(json.dumps(clean(document, secrets), indent=2) + "\n")
+        shown = clean(document, [runtime.config.shared_token])
+        sys.stdout.write(json.dumps(shown, indent=2) + "\n")
         sys.stdout.flush()
         degraded = document["daemon"]["lease_state"] == str(LeaseState.DEGRADED)
         return EXIT_DEGRADED if degraded else EXIT_OK
