@@ -526,9 +526,7 @@ class PostgresStore:
 
     def leader(self, lease_name: str = LEASE_NAME) -> LeaseRow | None:
         with self._connection() as conn:
-            values = conn.execute(
-                f"SELECT {_LEASE_COLUMNS} FROM leases WHERE lease_name = %s", (lease_name,)
-            ).fetchone()
+            values = conn.execute(_READ_LEASE, (lease_name,)).fetchone()
         return self._lease(values)
 
     def controllers(self) -> list[ControllerRow]:
